@@ -1,0 +1,40 @@
+# One-command set-up, demo and tests. See README.md "Install" for why the order matters.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+# CUDA hosts take the CUDA builds of torch/fbgemm; everything else the CPU ones.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+FBGEMM := $(if $(HAS_CUDA),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench-prepare clean
+
+setup: $(STAMP)
+
+# Re-runs only when the install recipe or the project metadata changed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(FBGEMM)
+	$(BIN)/python -m pip install --quiet --no-deps torchrec==1.8.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, lightning, polars, pyarrow; print('stack ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/msit-rec generate --config configs/generate/demo.yaml --out $(DEMO_DIR)/raw --overwrite
+	$(BIN)/msit-rec prepare --config configs/datasets/synthetic.yaml --source $(DEMO_DIR)/raw --out $(DEMO_DIR)/examples --overwrite
+	@echo "demo outputs: raw logs in $(DEMO_DIR)/raw, examples + dataset.json in $(DEMO_DIR)/examples"
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench-prepare: setup
+	$(BIN)/python benchmarks/bench_prepare.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,103 @@
+"""`msit-rec`: the single command-line entry point.
+
+Subcommands follow Lightning's conventions where they apply (`--config`, `--print_config`); every one also
+takes `--set key=value` overrides. User mistakes (MsitError) print one clear line and exit 2, never a traceback.
+The CLI is the composition root, so it is the one place in `msit_rec` that imports `pipelines`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from msit_rec.config import load_config, to_dict
+from msit_rec.errors import MsitError
+
+
+def _add_common(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted for nested keys), e.g. --set users=1000; repeatable",
+    )
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or step logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msit-rec", description="Multi-scenario CTR ranking with scenario-conditioned interest transfer."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="write synthetic multi-scenario impression logs (Parquet)")
+    _add_common(generate, "configs/generate/synthetic.yaml")
+    generate.add_argument("--out", required=True, type=Path, help="output directory (day=... partitions)")
+
+    prepare = commands.add_parser("prepare", help="raw logs → leak-free training examples + dataset.json")
+    _add_common(prepare, "configs/datasets/synthetic.yaml")
+    prepare.add_argument("--out", required=True, type=Path, help="output directory for the examples")
+    prepare.add_argument("--source", help="raw log path (overrides source.path in the config)")
+    return parser
+
+
+def _print_config(section: str, config: object) -> None:
+    print(yaml.safe_dump({section: to_dict(config)}, sort_keys=False), end="")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from pipelines.synthetic import GeneratorConfig, generate
+
+    config = load_config(args.config, GeneratorConfig, section="generate", overrides=args.overrides)
+    if args.print_config:
+        _print_config("generate", config)
+        return
+    summary = generate(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    print(summary.table())
+    print(f"raw logs written to {args.out}")
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+
+    overrides = list(args.overrides) + ([f"source.path={args.source}"] if args.source else [])
+    config = load_config(args.config, DatasetConfig, section="dataset", overrides=overrides)
+    if args.print_config:
+        _print_config("dataset", config)
+        return
+    meta = prepare(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    print(meta.summary_table())
+    print(f"examples written to {args.out} (dataset.json, train/ valid/ test/, vocab/)")
+
+
+COMMANDS = {"generate": run_generate, "prepare": run_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        COMMANDS[args.command](args)
+    except MsitError as exc:
+        print(f"msit-rec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The data contract between `prepare` and everything downstream: feature spec and `dataset.json`.
+
+`prepare` writes a `DatasetMeta`; training, evaluation and export read it back. It is defined once here
+and imported everywhere else, so a field cannot mean two things in two places.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from msit_rec.config import from_dict, to_dict
+from msit_rec.errors import DataError
+
+CONTRACT_VERSION = 1
+PADDING_INDEX = 0  # encoded id 0 = padding (empty history slot)
+OOV_INDEX = 1  # encoded id 1 = out-of-vocabulary / rare / null
+FIRST_VOCAB_INDEX = 2
+
+HISTORY_COLUMNS = ("hist_item", "hist_cat", "hist_scenario")
+SPLITS = ("train", "valid", "test")
+
+FeatureKind = Literal["sparse", "sequence", "scenario", "dense"]
+
+
+@dataclass
+class FeatureSpec:
+    """One model input column of the examples.
+
+    `table` names the embedding table; features naming the same table share it (the target item and the
+    behaviour items share `item`), so they must agree on cardinality and dim.
+    """
+
+    name: str
+    kind: FeatureKind
+    source: str  # raw-log column it comes from (serving maps raw values through it)
+    table: str | None = None  # None for dense features
+    cardinality: int = 0  # rows of the table, padding and OOV included
+    embedding_dim: int = 0
+    encoding: Literal["vocab", "hash", "scenario", "numeric"] = "vocab"
+    vocabulary: str | None = None  # vocabulary Parquet file, relative to dataset.json
+
+
+@dataclass
+class ScenarioStats:
+    rows: int
+    clicks: int
+    ctr: float
+
+
+@dataclass
+class SplitStats:
+    rows: int
+    clicks: int
+    ctr: float
+    files: list[str]  # Parquet shards, relative to dataset.json
+    scenarios: dict[str, ScenarioStats]  # scenario name → stats (every scenario listed, empty ones too)
+
+
+@dataclass
+class NumericStats:
+    mean: float
+    std: float
+    nulls: int  # nulls in the input, imputed with the train mean (0 after normalisation)
+
+
+@dataclass
+class HistoryInfo:
+    max_len: int
+    events: Literal["clicks", "all"]
+    source: str  # "log" (built leak-free from the log) or "precomputed:<column>" (taken as given)
+
+
+@dataclass
+class DatasetMeta:
+    """Everything downstream needs to know about a prepared dataset (`dataset.json`)."""
+
+    contract_version: int
+    name: str
+    features: list[FeatureSpec]
+    scenarios: list[str]  # index = scenario id
+    history: HistoryInfo
+    splits: dict[str, SplitStats]
+    numeric_stats: dict[str, NumericStats]
+    split_boundaries: dict[str, int]  # time cutoffs (valid_start, test_start) or per-user counts used
+    rows_in: int
+    rejects: dict[str, int]  # reason → rows
+    rejects_file: str | None
+    config: dict[str, Any]
+    content_hash: str = ""
+    created_by: str = field(default="msit-rec")
+
+    def feature(self, name: str) -> FeatureSpec:
+        for spec in self.features:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"feature '{name}' is not in dataset '{self.name}' (has {[f.name for f in self.features]})")
+
+    def features_of_kind(self, kind: FeatureKind) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == kind]
+
+    def tables(self) -> dict[str, tuple[int, int]]:
+        """table name → (cardinality, embedding dim); shared tables appear once."""
+        tables: dict[str, tuple[int, int]] = {}
+        for spec in self.features:
+            if spec.table is not None:
+                tables.setdefault(spec.table, (spec.cardinality, spec.embedding_dim))
+        return tables
+
+    def summary_table(self) -> str:
+        """Per split × scenario rows, share and CTR, plus rejects: what a person checks after `prepare`."""
+        header = f"{'split':<6} {'scenario':<16} {'rows':>12} {'share':>7} {'clicks':>10} {'ctr':>7}"
+        lines = [header, "-" * len(header)]
+        for split, stats in self.splits.items():
+            for name, sc in stats.scenarios.items():
+                share = sc.rows / stats.rows if stats.rows else 0.0
+                lines.append(f"{split:<6} {name:<16} {sc.rows:>12,} {share:>7.1%} {sc.clicks:>10,} {sc.ctr:>7.2%}")
+            lines.append(f"{split:<6} {'(all)':<16} {stats.rows:>12,} {1:>7.0%} {stats.clicks:>10,} {stats.ctr:>7.2%}")
+        rejected = sum(self.rejects.values())
+        lines.append(f"rows in {self.rows_in:,}; rejected {rejected:,} {self.rejects if rejected else ''}".rstrip())
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DatasetMeta:
+        """Read `dataset.json` (or the directory holding it), checking the contract version."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "dataset.json"
+        if not path.is_file():
+            raise DataError(f"{path}: no dataset.json here; run `msit-rec prepare` first")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        version = raw.get("contract_version") if isinstance(raw, dict) else None
+        if version != CONTRACT_VERSION:
+            raise DataError(f"{path}: contract_version {version!r}, this msit-rec reads version {CONTRACT_VERSION}")
+        return from_dict(cls, raw, str(path))

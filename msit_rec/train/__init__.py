@@ -1,0 +1,1 @@
+"""Training with Lightning and TorchRec: sharding plan, DMP strategy, fused optimizers, sharded checkpoints."""

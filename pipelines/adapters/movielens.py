@@ -1,0 +1,80 @@
+"""MovieLens (`ratings.csv` + `movies.csv`, the ml-latest / ml-20m+ layout) → raw-log contract.
+
+MovieLens has no scenarios and no impressions, so both are derived:
+- `label` = 1 when the rating is at least `rating_threshold` (a rating the user would have "clicked");
+- `scenario` = the group of the movie's *first* listed genre (`genre_groups`, everything else →
+  `other_scenario`), a stand-in for "which shelf of the product showed the movie". A rating of a movie
+  missing from movies.csv gets a null scenario, which `prepare` rejects.
+
+Output side features: `genre` (first genre, text) and `decade` (release decade from the title's trailing
+`(YYYY)`, int64, null when the title has none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from pipelines.adapters.csv_layout import as_float, as_int, layout_dir, load_options, scan_text_csv
+from pipelines.config import SourceConfig
+
+RATINGS_FILE = "ratings.csv"
+MOVIES_FILE = "movies.csv"
+RATING_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+MOVIE_COLUMNS = ("movieId", "title", "genres")
+TITLE_YEAR = r"\((\d{4})\)\s*$"
+
+
+def _default_genre_groups() -> dict[str, list[str]]:
+    return {
+        "action": ["Action", "Adventure", "Sci-Fi", "Thriller", "War", "Western", "Crime"],
+        "light": ["Comedy", "Animation", "Children", "Musical", "Fantasy", "Romance"],
+    }
+
+
+@dataclass
+class MovieLensOptions:
+    rating_threshold: float = 4.0  # rating >= this is a click
+    genre_groups: dict[str, list[str]] = field(default_factory=_default_genre_groups)  # scenario → first genres
+    other_scenario: str = "drama_other"  # scenario of every first genre not listed in genre_groups
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for scenario, genres in self.genre_groups.items():
+            for genre in genres:
+                if genre in seen:
+                    raise ValueError(f"genre_groups: genre '{genre}' is in both '{seen[genre]}' and '{scenario}'")
+                seen[genre] = scenario
+
+    def genre_to_scenario(self) -> dict[str, str]:
+        return {genre: scenario for scenario, genres in self.genre_groups.items() for genre in genres}
+
+
+def read_movielens(source: SourceConfig) -> pl.LazyFrame:
+    """Ratings joined with their movie's first genre, as `user_id, item_id, scenario, ts, label, genre, decade`."""
+    options = load_options(MovieLensOptions, source)
+    root = layout_dir(source, f"MovieLens {RATINGS_FILE} and {MOVIES_FILE}")
+    ratings = scan_text_csv(root / RATINGS_FILE, RATING_COLUMNS, "MovieLens ratings")
+    movies = scan_text_csv(root / MOVIES_FILE, MOVIE_COLUMNS, "MovieLens movies")
+
+    movie_features = movies.select(
+        as_int("movieId").alias("item_id"),
+        pl.col("genres").str.split("|").list.first().alias("genre"),
+        (pl.col("title").str.extract(TITLE_YEAR, 1).cast(pl.Int64) // 10 * 10).alias("decade"),
+    )
+    scenario = (
+        pl.when(pl.col("genre").is_not_null())
+        .then(pl.col("genre").replace_strict(options.genre_to_scenario(), default=options.other_scenario))
+        .alias("scenario")
+    )
+    return (
+        ratings.select(
+            as_int("userId").alias("user_id"),
+            as_int("movieId").alias("item_id"),
+            as_int("timestamp").alias("ts"),
+            (as_float("rating") >= options.rating_threshold).cast(pl.Int8).alias("label"),
+        )
+        .join(movie_features, on="item_id", how="left", maintain_order="left")
+        .select("user_id", "item_id", scenario, "ts", "label", "genre", "decade")
+    )

@@ -1,0 +1,82 @@
+"""Categorical id encoding: a train-only vocabulary or stable hashing, per feature.
+
+Both encoders reduce to one mapping table (raw value → index) applied with a join, so train, valid, test and
+the history lists go through exactly the same code and the same raw id always gets the same index.
+Index 0 is padding and 1 is out-of-vocabulary (unseen, rare or null).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from msit_rec.data.spec import FIRST_VOCAB_INDEX, OOV_INDEX
+from pipelines.config import CategoricalFeature
+
+RAW = "raw"
+INDEX = "index"
+COUNT = "count"
+
+
+def stable_hash64(text: str) -> int:
+    """64-bit BLAKE2b of the UTF-8 text as a signed int64: the same in every process, version and language."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def hash_bucket(text: str, buckets: int) -> int:
+    """Encoded index of a raw value under `encoding: hash` (serving reuses this to map raw ids)."""
+    return FIRST_VOCAB_INDEX + stable_hash64(text) % buckets  # Python's % is never negative for buckets > 0
+
+
+def distinct_text_map(values: pl.Series, fn: Callable[[str], int]) -> pl.DataFrame:
+    """Table RAW → INDEX = fn(text of RAW) over the distinct non-null values (one Python call per distinct value)."""
+    uniques = values.drop_nulls().unique().sort()
+    return pl.DataFrame({RAW: uniques, INDEX: pl.Series([fn(str(v)) for v in uniques.to_list()], dtype=pl.Int64)})
+
+
+def apply_map(values: pl.Series, table: pl.DataFrame, default: int | None) -> pl.Series:
+    """Join raw values onto a RAW → INDEX table; values missing from it (and nulls) become `default`."""
+    raw = values.cast(table[RAW].dtype, strict=False).to_frame(RAW)
+    joined = raw.join(table.select(RAW, INDEX), on=RAW, how="left", maintain_order="left")[INDEX]
+    return joined if default is None else joined.fill_null(default)
+
+
+@dataclass
+class FittedEncoder:
+    """A feature's raw → index mapping. For vocab features the table is the vocabulary written to disk."""
+
+    feature: CategoricalFeature
+    vocabulary: pl.DataFrame | None  # RAW (raw dtype), INDEX, COUNT; None under hashing
+    cardinality: int
+
+    def lookup(self, values: pl.Series) -> pl.DataFrame:
+        """RAW → INDEX table covering `values` (the vocabulary, or the hash buckets of the distinct values)."""
+        if self.vocabulary is not None:
+            return self.vocabulary.select(RAW, INDEX)
+        buckets = self.feature.buckets
+        return distinct_text_map(values, lambda text: hash_bucket(text, buckets))
+
+    def encode(self, values: pl.Series) -> pl.Series:
+        """Encoded int64 ids for raw values; unknown and null values map to OOV."""
+        return apply_map(values, self.lookup(values), OOV_INDEX).rename(self.feature.name)
+
+
+def fit_encoder(feature: CategoricalFeature, train_values: pl.Series) -> FittedEncoder:
+    """Vocabulary from the train split only: values seen at least `min_count` times, most frequent first."""
+    if feature.encoding == "hash":
+        return FittedEncoder(feature, None, FIRST_VOCAB_INDEX + feature.buckets)
+    counts = (
+        train_values.drop_nulls()
+        .to_frame(RAW)
+        .group_by(RAW)
+        .agg(pl.len().cast(pl.Int64).alias(COUNT))
+        .filter(pl.col(COUNT) >= feature.min_count)
+        .sort([COUNT, RAW], descending=[True, False])
+    )
+    vocab = counts.with_columns(
+        (pl.int_range(pl.len(), dtype=pl.Int64) + FIRST_VOCAB_INDEX).alias(INDEX)
+    ).select(RAW, INDEX, COUNT)
+    return FittedEncoder(feature, vocab, FIRST_VOCAB_INDEX + len(vocab))

@@ -1,0 +1,379 @@
+"""`msit-rec prepare`: raw log → validated, encoded, leak-free, time-split examples + dataset.json.
+
+Order of work: read and validate the log in one streaming pass (rejected rows are written out with their
+reason), split by time, fit encoders and numeric statistics on the train split only, build histories over
+all valid rows (strictly earlier events only, so a test example may see train-period clicks but never its
+own or later ones), then write each split as Parquet shards chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from msit_rec.config import to_dict
+from msit_rec.data.spec import (
+    CONTRACT_VERSION,
+    OOV_INDEX,
+    SPLITS,
+    DatasetMeta,
+    FeatureSpec,
+    HistoryInfo,
+    NumericStats,
+    ScenarioStats,
+    SplitStats,
+)
+from msit_rec.errors import DataError
+from pipelines.config import DatasetConfig
+from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder, stable_hash64
+from pipelines.history import HIST_HI, HIST_LO, HistoryEvents, index_histories, precomputed_lists
+from pipelines.source import read_source
+from pipelines.split import SPLIT, assign_splits
+from pipelines.validate import LABEL, REASON, ROW, SCENARIO, TS, tag_rows
+from pipelines.write import ShardWriter
+
+log = logging.getLogger("msit_rec.prepare")
+
+USER_KEY = "_user_key"
+
+
+def encoded(name: str) -> str:
+    return f"_enc:{name}"
+
+
+def normalised(name: str) -> str:
+    return f"_num:{name}"
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Log how long a pipeline step took (row counts are logged by the step itself)."""
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.2fs", what, time.perf_counter() - start)
+
+
+def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, overwrite: bool = False) -> DatasetMeta:
+    """Run the whole pipeline; returns (and writes) the dataset metadata."""
+    out_dir = Path(out_dir)
+    _claim_output_dir(out_dir, overwrite)
+    c = config.columns
+
+    with step("read + validate"):
+        tagged = tag_rows(read_source(config.source), config, source=config.source.path)
+        frame = tagged.frame.select(_needed_columns(config)).collect(engine="streaming")
+        rows_in = len(frame)
+        rejected = frame.filter(pl.col(REASON).is_not_null())
+        valid = frame.filter(pl.col(REASON).is_null()).drop(REASON)
+        del frame
+        log.info("rows in %d, valid %d, rejected %d", rows_in, len(valid), len(rejected))
+    scenarios = tagged.scenarios
+    _check_scenarios_present(valid, scenarios, config.source.path)
+    rejects = _write_rejects(rejected, out_dir)
+
+    with step("split"):
+        valid, boundaries = assign_splits(valid, config, c.user)
+    train = valid.filter(pl.col(SPLIT) == "train")
+    if len(train) == 0:
+        raise DataError(f"{config.source.path}: the train split is empty (split config {to_dict(config.split)})")
+
+    with step("encode"):
+        encoders = {f.name: fit_encoder(f, train[f.column]) for f in config.categorical}
+        valid = valid.with_columns(
+            [encoders[f.name].encode(valid[f.column]).alias(encoded(f.name)) for f in config.categorical]
+        )
+        numeric_stats = {f.name: _numeric_stats(train[f.column], valid[f.column]) for f in config.numeric}
+        valid = valid.with_columns(
+            [_normalise(f.column, numeric_stats[f.name]).alias(normalised(f.name)) for f in config.numeric]
+        )
+        valid = valid.with_columns(_user_key(valid[c.user]).alias(USER_KEY))
+        del train
+
+    with step("histories"):
+        valid, events = _histories(valid, config, encoders)
+
+    vocab_files = _write_vocabularies(encoders, out_dir)
+    features = _feature_specs(config, encoders, scenarios, vocab_files)
+    with step("write shards"):
+        splits = {
+            split: _write_split(valid, split, config, events, scenarios, out_dir, progress) for split in SPLITS
+        }
+    rows_out = sum(s.rows for s in splits.values())
+    if rows_out + sum(rejects.values()) != rows_in:  # the conservation guarantee; a bug if it ever fires
+        raise RuntimeError(f"row conservation broken: in {rows_in}, out {rows_out}, rejected {sum(rejects.values())}")
+
+    meta = DatasetMeta(
+        contract_version=CONTRACT_VERSION,
+        name=config.name,
+        features=features,
+        scenarios=scenarios,
+        history=HistoryInfo(
+            max_len=config.history.max_len,
+            events=config.history.events,
+            source="log"
+            if config.history.precomputed_column is None
+            else f"precomputed:{config.history.precomputed_column}",
+        ),
+        splits=splits,
+        numeric_stats=numeric_stats,
+        split_boundaries=boundaries,
+        rows_in=rows_in,
+        rejects=rejects,
+        rejects_file="rejects.parquet" if sum(rejects.values()) else None,
+        config=to_dict(config),
+    )
+    meta.content_hash = _content_hash(out_dir, [f for s in splits.values() for f in s.files] + list(vocab_files.values()))
+    meta.save(out_dir / "dataset.json")
+    return meta
+
+
+def _claim_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DataError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _needed_columns(config: DatasetConfig) -> list[str]:
+    c = config.columns
+    names = [c.user, c.item, c.scenario, c.ts, c.label]
+    names += [f.column for f in config.categorical] + [f.column for f in config.numeric]
+    if config.split.method == "column":
+        names.append(config.split.column)
+    if config.history.precomputed_column is not None:
+        names.append(config.history.precomputed_column)
+    return list(dict.fromkeys(names)) + [ROW, TS, LABEL, SCENARIO, REASON]
+
+
+def _check_scenarios_present(valid: pl.DataFrame, scenarios: list[str], source: str) -> None:
+    """A declared scenario with no valid rows is almost always a mapping mistake: say so instead of training on it."""
+    present = set(valid[SCENARIO].unique().to_list())
+    empty = [name for sid, name in enumerate(scenarios) if sid not in present]
+    if empty:
+        raise DataError(
+            f"{source}: scenario(s) {empty} declared in the config have no valid rows; "
+            "remove them from `scenarios` or check the scenario column"
+        )
+
+
+def _write_rejects(rejected: pl.DataFrame, out_dir: Path) -> dict[str, int]:
+    counts = dict(rejected.group_by(REASON).len().sort(REASON).iter_rows())
+    if len(rejected):
+        raw_columns = [name for name in rejected.columns if not name.startswith("_")]
+        rejected.select([ROW, *raw_columns, REASON]).rename(
+            {ROW: "row_in_log", REASON: "reject_reason"}
+        ).write_parquet(out_dir / "rejects.parquet")
+        log.warning("rejected %d rows: %s (see %s)", len(rejected), counts, out_dir / "rejects.parquet")
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def _numeric_stats(train_values: pl.Series, all_values: pl.Series) -> NumericStats:
+    values = train_values.cast(pl.Float64)
+    mean = values.mean()
+    std = values.std()
+    return NumericStats(
+        mean=float(mean) if mean is not None else 0.0,
+        std=float(std) if std else 1.0,  # constant or single-row train column: leave the scale alone
+        nulls=int(all_values.null_count()),
+    )
+
+
+def _normalise(column: str, stats: NumericStats) -> pl.Expr:
+    return ((pl.col(column).cast(pl.Float64) - stats.mean) / stats.std).fill_null(0.0).cast(pl.Float32)
+
+
+def _user_key(users: pl.Series) -> pl.Series:
+    """The user's raw id as int64 for per-user metrics (GAUC); text ids become their stable 64-bit hash."""
+    if users.dtype.is_integer():
+        return users.cast(pl.Int64)
+    table = distinct_text_map(users, stable_hash64)
+    return users.to_frame(RAW).join(table, on=RAW, how="left", maintain_order="left")[INDEX]
+
+
+def _histories(
+    valid: pl.DataFrame, config: DatasetConfig, encoders: dict[str, FittedEncoder]
+) -> tuple[pl.DataFrame, HistoryEvents | None]:
+    """Log-built histories index every row into one event array; precomputed ones are encoded into list columns."""
+    history = config.history
+    item_col = encoded(history.item_feature)
+    cat_col = encoded(history.category_feature) if history.category_feature else None
+    if history.precomputed_column is None:
+        indexed, events = index_histories(
+            valid, config.columns.user, item_col, cat_col, history.max_len, history.events
+        )
+        lengths = indexed[HIST_HI] - indexed[HIST_LO]
+        log.info("history events %d, mean history length %.2f", len(events.item), float(lengths.mean() or 0))
+        return indexed, events
+    sequences = valid[history.precomputed_column]
+    exploded = (sequences.str.split(history.precomputed_separator) if sequences.dtype == pl.String else sequences)
+    item_lookup = encoders[history.item_feature].lookup(exploded.explode().drop_nulls().cast(pl.String))
+    if cat_col is not None:
+        item_category = (
+            valid.sort(ROW).group_by(item_col, maintain_order=True).agg(pl.col(cat_col).first())
+            .rename({item_col: RAW, cat_col: INDEX})
+        )
+    else:
+        item_category = pl.DataFrame({RAW: [], INDEX: []}, schema={RAW: pl.Int64, INDEX: pl.Int64})
+    lists = precomputed_lists(
+        sequences, history.precomputed_separator, history.max_len, item_lookup, item_category, valid[SCENARIO]
+    )
+    return valid.with_columns([pl.from_arrow(array).alias(name) for name, array in lists.items()]), None
+
+
+def _write_vocabularies(encoders: dict[str, FittedEncoder], out_dir: Path) -> dict[str, str]:
+    """feature → vocabulary file (relative); hashed features have none (their mapping is the hash)."""
+    files = {}
+    for name, encoder in encoders.items():
+        if encoder.vocabulary is not None:
+            relative = f"vocab/{name}.parquet"
+            (out_dir / "vocab").mkdir(exist_ok=True)
+            encoder.vocabulary.write_parquet(out_dir / relative)
+            files[name] = relative
+    return files
+
+
+def _feature_specs(
+    config: DatasetConfig, encoders: dict[str, FittedEncoder], scenarios: list[str], vocab_files: dict[str, str]
+) -> list[FeatureSpec]:
+    specs = [
+        FeatureSpec(
+            name="scenario",
+            kind="scenario",
+            source=config.columns.scenario,
+            table="scenario",
+            cardinality=len(scenarios),
+            embedding_dim=config.scenario_embedding_dim,
+            encoding="scenario",
+        )
+    ]
+    by_name = {f.name: f for f in config.categorical}
+    for feature in config.categorical:
+        specs.append(
+            FeatureSpec(
+                name=feature.name,
+                kind="sparse",
+                source=feature.column,
+                table=feature.table,
+                cardinality=encoders[feature.name].cardinality,
+                embedding_dim=feature.embedding_dim,
+                encoding=feature.encoding,
+                vocabulary=vocab_files.get(feature.name),
+            )
+        )
+    item = by_name[config.history.item_feature]
+    specs.append(_sequence_spec("hist_item", item.name, item.table, encoders[item.name], item.embedding_dim))
+    if config.history.category_feature is not None:
+        cat = by_name[config.history.category_feature]
+        specs.append(_sequence_spec("hist_cat", cat.name, cat.table, encoders[cat.name], cat.embedding_dim))
+    else:  # no category in this dataset: hist_cat is all OOV, on a table of its own
+        specs.append(FeatureSpec("hist_cat", "sequence", "", "hist_cat", OOV_INDEX + 1, item.embedding_dim))
+    specs.append(
+        FeatureSpec(
+            name="hist_scenario",
+            kind="sequence",
+            source=config.columns.scenario,
+            table="scenario",
+            cardinality=len(scenarios),
+            embedding_dim=config.scenario_embedding_dim,
+            encoding="scenario",
+        )
+    )
+    specs += [FeatureSpec(f.name, "dense", f.column, encoding="numeric") for f in config.numeric]
+    return specs
+
+
+def _sequence_spec(name: str, source_feature: str, table: str | None, encoder: FittedEncoder, dim: int) -> FeatureSpec:
+    return FeatureSpec(
+        name=name,
+        kind="sequence",
+        source=source_feature,
+        table=table,
+        cardinality=encoder.cardinality,
+        embedding_dim=dim,
+        encoding=encoder.feature.encoding,
+    )
+
+
+def _example_columns(config: DatasetConfig) -> list[pl.Expr]:
+    """The contract columns of an example, from the pipeline's working columns."""
+    return [
+        pl.col(LABEL).cast(pl.Float32).alias("label"),
+        pl.col(SCENARIO).cast(pl.Int32).alias("scenario"),
+        pl.col(USER_KEY).cast(pl.Int64).alias("user_id"),
+        pl.col(TS).cast(pl.Int64).alias("ts"),
+        *[pl.col(encoded(f.name)).cast(pl.Int64).alias(f.name) for f in config.categorical],
+        *[pl.col(normalised(f.name)).alias(f.name) for f in config.numeric],
+    ]
+
+
+def _write_split(
+    valid: pl.DataFrame,
+    split: str,
+    config: DatasetConfig,
+    events: HistoryEvents | None,
+    scenarios: list[str],
+    out_dir: Path,
+    progress: bool,
+) -> SplitStats:
+    rows = valid.filter(pl.col(SPLIT) == split).sort([TS, ROW])
+    writer = ShardWriter(out_dir, split, config.output)
+    chunk_rows = config.output.rows_per_row_group
+    columns = _example_columns(config)
+    history_columns = ["hist_item", "hist_cat", "hist_scenario"]
+    bar = tqdm(total=len(rows), desc=f"write {split}", unit="rows", disable=not progress, leave=False)
+    for start in range(0, len(rows), chunk_rows):
+        chunk = rows.slice(start, chunk_rows)
+        table = chunk.select(columns).to_arrow()
+        if events is not None:
+            lists = events.lists(chunk[HIST_LO].to_numpy(), chunk[HIST_HI].to_numpy())
+        else:
+            lists = {name: chunk[name].to_arrow() for name in history_columns}
+        for name in history_columns:
+            table = table.append_column(name, lists[name].cast(pa.list_(pa.int64())))
+        lengths = pc.list_value_length(lists["hist_item"]).cast(pa.int32())
+        table = table.append_column("hist_len", lengths)
+        writer.write(table)
+        bar.update(len(chunk))
+    bar.close()
+    files = writer.close()
+    clicks = int(rows[LABEL].sum()) if len(rows) else 0
+    per_scenario = dict(
+        (sid, (n, k))
+        for sid, n, k in rows.group_by(SCENARIO).agg(pl.len(), pl.col(LABEL).cast(pl.Int64).sum()).iter_rows()
+    )
+    log.info("%s: %d rows in %d files", split, len(rows), len(files))
+    return SplitStats(
+        rows=len(rows),
+        clicks=clicks,
+        ctr=clicks / len(rows) if len(rows) else 0.0,
+        files=files,
+        scenarios={
+            name: _scenario_stats(*per_scenario.get(sid, (0, 0))) for sid, name in enumerate(scenarios)
+        },
+    )
+
+
+def _scenario_stats(rows: int, clicks: int) -> ScenarioStats:
+    return ScenarioStats(rows=int(rows), clicks=int(clicks), ctr=clicks / rows if rows else 0.0)
+
+
+def _content_hash(root: Path, files: list[str]) -> str:
+    """BLAKE2b over the written shards and vocabularies, so a model can name exactly which data it saw."""
+    digest = hashlib.blake2b(digest_size=16)
+    for relative in sorted(files):
+        digest.update(relative.encode())
+        with open(root / relative, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()

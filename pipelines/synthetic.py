@@ -1,0 +1,230 @@
+"""`msit-rec generate`: a synthetic multi-scenario impression log with known ground truth.
+
+The world (synthetic_world.py) gives every user a shared interest plus a per-scenario deviation
+(`interest_sharing`), long-tailed item exposure, per-scenario CTR, and — the signal a cross-scenario model
+should exploit — a decaying memory of recent clicks that lifts the same category in every scenario
+(`transfer_strength`, `transfer_matrix`). The log is written day by day as hive partitions
+`out_dir/day=YYYY-MM-DD/part-NNNNN.parquet` (one part per chunk of `users_per_chunk` users), so memory stays
+bounded: peak ≈ 200 bytes × users (world + click state) + ~0.5 KB × rows of one chunk-day.
+
+Reproducible bit for bit: the world, the CTR calibration and every (day, chunk) draw from their own
+SeedSequence children of `seed`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from msit_rec.errors import MsitError
+from pipelines.synthetic_config import SCENARIO_NAMES, GeneratorConfig
+from pipelines.synthetic_simulate import ChunkLog, ClickState, simulate_chunk
+from pipelines.synthetic_world import World, build_world
+
+__all__ = ["SCENARIO_NAMES", "GeneratorConfig", "GenerateSummary", "ScenarioSummary", "generate", "simulate_world"]
+
+SECONDS_PER_DAY = 86_400
+CALIBRATION_ROUNDS = 3
+CALIBRATION_DAYS = 4  # the click state saturates within a few half-lives; more pilot days change little
+CONTEXT_SKEW = 3.0  # per-request context values: floor(cardinality · u^3), a few values dominate
+PARTITION_PREFIX = "day="
+
+
+@dataclass
+class ScenarioSummary:
+    rows: int
+    clicks: int
+    ctr: float
+
+
+@dataclass
+class GenerateSummary:
+    """What `generate` wrote: counts overall and per scenario, the files and the time it took."""
+
+    rows: int
+    clicks: int
+    scenarios: dict[str, ScenarioSummary]
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    scenario_bias: dict[str, float] = field(default_factory=dict)  # calibrated logit offsets (ground truth)
+
+    @property
+    def ctr(self) -> float:
+        return self.clicks / self.rows if self.rows else 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        """Per-scenario rows, traffic share, clicks and CTR as an aligned text table."""
+        width = max([len("scenario"), len("total"), *(len(n) for n in self.scenarios)])
+        lines = [f"{'scenario':<{width}} {'rows':>12} {'share %':>8} {'clicks':>10} {'CTR %':>7}"]
+        for name, s in [*self.scenarios.items(), ("total", ScenarioSummary(self.rows, self.clicks, self.ctr))]:
+            share = 100.0 * s.rows / self.rows if self.rows else 0.0
+            lines.append(f"{name:<{width}} {s.rows:>12,} {share:>8.2f} {s.clicks:>10,} {100.0 * s.ctr:>7.3f}")
+        lines.append(f"{len(self.files)} files, {self.seconds:.1f} s, {self.rows_per_second:,.0f} rows/s")
+        return "\n".join(lines)
+
+
+def generate(config: GeneratorConfig, out_dir: Path, progress: bool = True, overwrite: bool = False) -> GenerateSummary:
+    """Write the synthetic log under `out_dir` (created if missing).
+
+    A non-empty `out_dir` is refused unless `overwrite=True`, and even then only when it holds nothing but a
+    previous output (`day=...` partitions): their files are replaced, anything else is never deleted.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite)
+    world_seq, calibration_seq, days_seq = np.random.SeedSequence(config.seed).spawn(3)
+    world = build_world(config, np.random.default_rng(world_seq))
+    calibrate_scenario_bias(world, calibration_seq)
+
+    names = config.scenarios
+    rows, clicks = np.zeros(len(names), dtype=np.int64), np.zeros(len(names), dtype=np.int64)
+    files: list[Path] = []
+    bar = tqdm(total=config.days, unit="day", desc="generate", disable=not progress)
+    for day, log, rng in simulate_world(world, days_seq):
+        day_start = config.start_epoch + day * SECONDS_PER_DAY
+        files.append(_write_part(_to_arrow(world, log, rng), out_dir, day_start, config.compression))
+        rows += np.bincount(log.scenario, minlength=len(names))
+        clicks += np.bincount(log.scenario, weights=log.label, minlength=len(names)).astype(np.int64)
+        bar.n = day + 1
+        bar.set_postfix(rows=f"{int(rows.sum()):,}", refresh=False)
+        bar.refresh()
+    bar.close()
+    return GenerateSummary(
+        rows=int(rows.sum()),
+        clicks=int(clicks.sum()),
+        scenarios={
+            n: ScenarioSummary(int(r), int(c), float(c / r) if r else 0.0)
+            for n, r, c in zip(names, rows, clicks, strict=True)
+        },
+        files=files,
+        seconds=time.perf_counter() - started,
+        scenario_bias={n: float(b) for n, b in zip(names, world.scenario_bias, strict=True)},
+    )
+
+
+def simulate_world(world: World, days_seq: np.random.SeedSequence):
+    """Yield (day index, ChunkLog, the chunk's generator) in day order, chunks of users in id order.
+
+    The generator is handed on so that per-request context features come from the same stream."""
+    cfg = world.config
+    state = ClickState.empty(cfg.users, cfg.transfer_memory)
+    chunk_starts = range(0, cfg.users, cfg.users_per_chunk)
+    for day, day_seq in enumerate(days_seq.spawn(cfg.days)):
+        day_start = cfg.start_epoch + day * SECONDS_PER_DAY
+        for lo, chunk_seq in zip(chunk_starts, day_seq.spawn(len(chunk_starts)), strict=True):
+            hi = min(lo + cfg.users_per_chunk, cfg.users)
+            rng = np.random.default_rng(chunk_seq)
+            log = simulate_chunk(world, state.rows(lo, hi), np.arange(lo, hi), day_start, rng)
+            if log.user.size:
+                yield day, log, rng
+
+
+def calibrate_scenario_bias(world: World, seq: np.random.SeedSequence) -> None:
+    """Shift each scenario's logit bias so a pilot run on a user sample hits `scenario_ctr`.
+
+    The interest, brand, price and transfer terms all move the mean CTR; a few fixed-point rounds on the
+    mean click probability (common random numbers each round) absorb them."""
+    cfg = world.config
+    n_scen = len(cfg.scenarios)
+    target = np.asarray(cfg.scenario_ctr, dtype=np.float64)
+    sample = min(cfg.calibration_users, cfg.users)
+    for _ in range(CALIBRATION_ROUNDS):
+        rng = np.random.default_rng(seq)
+        users = np.sort(rng.choice(cfg.users, size=sample, replace=False))
+        state = ClickState.empty(sample, cfg.transfer_memory)
+        prob_sum, count = np.zeros(n_scen), np.zeros(n_scen)
+        for day in range(min(cfg.days, CALIBRATION_DAYS)):
+            log = simulate_chunk(world, state, users, cfg.start_epoch + day * SECONDS_PER_DAY, rng)
+            prob_sum += np.bincount(log.scenario, weights=log.probability, minlength=n_scen)
+            count += np.bincount(log.scenario, minlength=n_scen)
+        seen = count > 0
+        realized = np.clip(prob_sum[seen] / count[seen], 1e-6, 1 - 1e-6)
+        world.scenario_bias[seen] += (_logit(target[seen]) - _logit(realized)).astype(np.float32)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p / (1.0 - p))
+
+
+def _to_arrow(world: World, log: ChunkLog, rng: np.random.Generator) -> pa.Table:
+    """The raw-log contract columns of one chunk-day, rows in time order."""
+    cfg, items, users = world.config, world.items, world.users
+    order = np.argsort(log.ts, kind="stable")
+    user, item, ts = log.user[order], log.item[order], log.ts[order]
+    scenario_names = pa.array(cfg.scenarios, type=pa.string())
+    columns: dict[str, pa.Array | np.ndarray] = {
+        "user_id": user,
+        "item_id": item,
+        "scenario": scenario_names.take(pa.array(log.scenario[order])),
+        "ts": ts,
+        "label": log.label[order],
+        "user_segment": users.segment[user].astype(np.int64),
+        "item_cat": items.category[item].astype(np.int64),
+        "brand": items.brand[item].astype(np.int64),
+        "price_bucket": items.price_bucket[item].astype(np.int64),
+        "hour": (ts % SECONDS_PER_DAY) // 3600,
+        "price": items.price[item],
+        "user_activity": users.activity[user],
+    }
+    request = log.request[order]
+    n_requests = int(log.request.max()) + 1
+    for j in range(cfg.extra_sparse_features):
+        columns[f"ctx_{j:02d}"] = _context_feature(j, user, request, n_requests, cfg.extra_sparse_cardinality, rng)
+    return pa.table(columns)
+
+
+def _context_feature(
+    j: int, user: np.ndarray, request: np.ndarray, n_requests: int, cardinality: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Context feature j: even j a fixed per-user value (a device), odd j a skewed per-request draw (a network)."""
+    if j % 2 == 0:
+        salt = np.uint64((j * 0xBF58476D1CE4E5B9) % 2**64)
+        mixed = user.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + salt  # wraps around: a cheap hash
+        return ((mixed >> np.uint64(29)) % np.uint64(cardinality)).astype(np.int64)
+    per_request = (cardinality * rng.random(n_requests) ** CONTEXT_SKEW).astype(np.int64)
+    return per_request[request]
+
+
+def _write_part(table: pa.Table, out_dir: Path, day_start: int, compression: str) -> Path:
+    day = time.strftime("%Y-%m-%d", time.gmtime(day_start))
+    folder = out_dir / f"{PARTITION_PREFIX}{day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-{len(list(folder.glob('part-*.parquet'))):05d}.parquet"
+    pq.write_table(table, path, compression=compression)
+    return path
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MsitError(f"output path {out_dir} exists and is not a directory")
+    entries = sorted(out_dir.iterdir()) if out_dir.exists() else []
+    if not entries:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return
+    if not overwrite:
+        raise MsitError(f"output directory {out_dir} is not empty; pass overwrite (--overwrite) to replace it")
+    foreign = [e for e in entries if not (e.is_dir() and e.name.startswith(PARTITION_PREFIX))]
+    foreign += [f for e in entries if e not in foreign for f in e.iterdir() if not _is_part_file(f)]
+    if foreign:
+        raise MsitError(
+            f"output directory {out_dir} holds {foreign[0]}, which is not a generated partition; "
+            "refusing to overwrite it (expected only day=YYYY-MM-DD/part-NNNNN.parquet)"
+        )
+    for folder in entries:
+        for part in folder.iterdir():
+            part.unlink()
+        folder.rmdir()
+
+
+def _is_part_file(path: Path) -> bool:
+    return path.is_file() and path.name.startswith("part-") and path.suffix == ".parquet"
