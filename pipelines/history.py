@@ -1,6 +1,6 @@
 """Leak-free behaviour histories: each example's most recent L qualifying events strictly before its time.
 
-How: sort all rows by (user, ts, row). The qualifying events, in that order, form one global event array;
+How: sort the rows by (user, ts, row). The qualifying events, in that order, form one global event array;
 for every row, the number of events before it in that order is a running count. An example's history is
 the slice [lo, hi) of the event array, where hi = the running count at the *first* row of its (user, ts)
 group (so events at the same ts — ties — are excluded) and lo = max(hi − L, the user's first event).
@@ -52,16 +52,18 @@ class HistoryEvents:
 def index_histories(
     rows: pl.DataFrame, user: str, item: str, category: str | None, max_len: int, events: str
 ) -> tuple[pl.DataFrame, HistoryEvents]:
-    """`rows` with HIST_LO/HIST_HI added (sorted by user, ts, row), and the event arrays they point into.
+    """`rows` with HIST_LO/HIST_HI added (row order unchanged), and the event arrays they point into.
 
     `rows` holds valid examples with the user key column, TS, ROW, LABEL, SCENARIO and the encoded
-    item (and category) columns.
+    item (and category) columns. Only those few columns are sorted; the bounds are scattered back.
     """
     is_event = (pl.col(LABEL) == 1) if events == "clicks" else pl.lit(True)
     new_user = (pl.col(user) != pl.col(user).shift(1)).fill_null(True)
     new_moment = new_user | (pl.col(TS) != pl.col(TS).shift(1)).fill_null(True)
+    keep = [user, TS, LABEL, SCENARIO, item] + ([category] if category is not None else [])
+    order = rows.select(pl.arg_sort_by([user, TS, ROW])).to_series().to_numpy()  # [N] sorted position → row
     ordered = (
-        rows.sort([user, TS, ROW])
+        rows.select(keep)[order]
         .with_columns(is_event.cast(pl.Int64).alias(_EVENT))
         .with_columns((pl.col(_EVENT).cum_sum() - pl.col(_EVENT)).alias(_BEFORE))
         .with_columns(
@@ -70,6 +72,11 @@ def index_histories(
         )
         .with_columns(pl.max_horizontal(pl.col(HIST_HI) - max_len, pl.col(_USER_START)).alias(HIST_LO))
     )
+    bounds = {}
+    for name in (HIST_LO, HIST_HI):
+        values = np.empty(len(order), dtype=np.int64)
+        values[order] = ordered[name].to_numpy()
+        bounds[name] = values
     event_rows = ordered.filter(pl.col(_EVENT) == 1)
     category_ids = (
         event_rows[category].to_numpy() if category is not None else np.ones(len(event_rows), dtype=np.int64)
@@ -79,7 +86,7 @@ def index_histories(
         category=np.ascontiguousarray(category_ids, dtype=np.int64),
         scenario=np.ascontiguousarray(event_rows[SCENARIO].to_numpy(), dtype=np.int64),
     )
-    return ordered.drop(_EVENT, _BEFORE, _USER_START), history
+    return rows.with_columns(pl.Series(HIST_LO, bounds[HIST_LO]), pl.Series(HIST_HI, bounds[HIST_HI])), history
 
 
 def precomputed_lists(

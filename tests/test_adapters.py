@@ -139,7 +139,8 @@ def test_movielens_unknown_movie_gets_null_scenario_and_untitled_year_null_decad
         tmp_path, [[1, 10, 4.5, 100], [1, 99, 2.0, 200]], [[10, "Babylon 5", "Sci-Fi|Drama"]]
     )
     frame = read_movielens(source(root, "movielens")).collect()
-    assert frame.select("item_id", "scenario", "label", "decade").rows() == [(10, "action", 1, None), (99, None, 0, None)]
+    rows = frame.select("item_id", "scenario", "label", "decade").rows()
+    assert rows == [(10, "action", 1, None), (99, None, 0, None)]
 
 
 def test_movielens_bad_options_and_inputs(tmp_path: Path) -> None:
@@ -253,7 +254,7 @@ def ali_ccp(shared_data: Path) -> pl.DataFrame:
 
 def ali_ccp_csv(shared_data: Path) -> list[dict[str, str]]:
     root = shared_data / ALI_CCP_DIR
-    return [*csv_rows(root / "ali_ccp_train.csv"), *csv_rows(root / "ali_ccp_val.csv"), *csv_rows(root / "ali_ccp_test.csv")]
+    return [row for name in ("train", "val", "test") for row in csv_rows(root / f"ali_ccp_{name}.csv")]
 
 
 def test_ali_ccp_contract_rows_split_and_row_order_time(ali_ccp: pl.DataFrame, shared_data: Path) -> None:
@@ -327,7 +328,8 @@ def test_kuairand_side_features(kuairand: pl.DataFrame, shared_data: Path) -> No
 
 def test_kuairand_time_columns_label_option_and_bad_inputs(tmp_path: Path) -> None:
     header = ["user_id", "video_id", "tab", "date", "hourmin", "is_click", "long_view", "user_active_degree"]
-    write_csv(tmp_path / "log.csv", header, [[1, 2, 0, 20220408, 1930, 0, 1, "high_active"], [1, 3, 4, 20220409, 5, 1, 0, ""]])
+    rows = [[1, 2, 0, 20220408, 1930, 0, 1, "high_active"], [1, 3, 4, 20220409, 5, 1, 0, ""]]
+    write_csv(tmp_path / "log.csv", header, rows)
     frame = read_kuairand(source(tmp_path, "kuairand", file="log.csv", label="long_view")).collect()
     expected_ts = [
         int(datetime(2022, 4, 8, 19, 30, tzinfo=timezone.utc).timestamp()),

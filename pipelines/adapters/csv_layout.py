@@ -80,10 +80,8 @@ def scan_split_files(root: Path, files: dict[str, str], required: Sequence[str],
         if first_columns is None:
             first_columns = columns
         elif set(columns) != set(first_columns):
-            raise SchemaError(
-                f"{path}: columns differ from the {files['train']} file "
-                f"(missing {sorted(set(first_columns) - set(columns))}, extra {sorted(set(columns) - set(first_columns))})"
-            )
+            missing, extra = sorted(set(first_columns) - set(columns)), sorted(set(columns) - set(first_columns))
+            raise SchemaError(f"{path}: columns differ from {files['train']} (missing {missing}, extra {extra})")
         frames.append(frame.select(first_columns).with_columns(pl.lit(split).alias(SPLIT_COLUMN)))
     return with_row_number(pl.concat(frames, how="vertical"))
 
@@ -93,7 +91,7 @@ def with_row_number(frame: pl.LazyFrame) -> pl.LazyFrame:
     return frame.with_row_index(ROW_COLUMN).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
 
 
-def as_int(column: str, dtype: pl.DataType = pl.Int64) -> pl.Expr:
+def as_int(column: str, dtype: type[pl.DataType] = pl.Int64) -> pl.Expr:
     """Text → integer; an unparseable value becomes null."""
     return pl.col(column).str.strip_chars().cast(dtype, strict=False)
 
@@ -114,7 +112,7 @@ def as_code(column: str) -> pl.Expr:
     Layouts exported through pandas write integer codes of a column with missing values as floats; kept
     as text, `1.0` and `1` would otherwise be two categories, and string-valued categories stay intact.
     """
-    return pl.col(column).str.strip_chars().str.replace(r"^(-?\d+)\.0*$", "${1}.0")
+    return pl.col(column).str.strip_chars().str.replace(r"^(-?\d+)\.0*$", "${1}")
 
 
 def require_option_column(columns: Sequence[str], name: str, option: str, path: Path) -> None:
