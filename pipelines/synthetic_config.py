@@ -71,7 +71,8 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         positive_ints = (
             "users", "items", "categories", "brands", "user_segments", "price_buckets", "days", "page_size",
-            "latent_dim", "interest_categories", "transfer_memory", "extra_sparse_cardinality", "users_per_chunk", "calibration_users",
+            "latent_dim", "interest_categories", "transfer_memory", "extra_sparse_cardinality", "users_per_chunk",
+            "calibration_users",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:

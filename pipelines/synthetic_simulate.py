@@ -45,7 +45,7 @@ class ClickState:
 
 @dataclass
 class ChunkLog:
-    """The simulated impressions of one chunk-day, rows of a request contiguous, requests in tick order."""
+    """The simulated impressions of one chunk-day in time order (rows of a request contiguous)."""
 
     user: np.ndarray  # [N] int64
     item: np.ndarray  # [N] int64
@@ -53,7 +53,7 @@ class ChunkLog:
     ts: np.ndarray  # [N] int64
     label: np.ndarray  # [N] int8
     probability: np.ndarray  # [N] float32, the click probability the label was drawn from
-    request: np.ndarray  # [N] int64, request index within the chunk (context features are per request)
+    request: np.ndarray  # [N] int64, request index within the chunk, ascending (context features are per request)
 
 
 def simulate_chunk(
@@ -92,13 +92,14 @@ def simulate_chunk(
         probability = _sigmoid(static_logit)
     label = uniform < probability
 
+    by_time = np.argsort(req_ts, kind="stable")  # write requests in time order; a page's rows stay together
     return ChunkLog(
-        user=np.repeat(req_user, page),
-        item=items.reshape(-1).astype(np.int64),
-        scenario=np.repeat(req_scen, page),
-        ts=np.repeat(req_ts, page),
-        label=label.reshape(-1).astype(np.int8),
-        probability=probability.reshape(-1),
+        user=np.repeat(req_user[by_time], page),
+        item=items[by_time].reshape(-1).astype(np.int64),
+        scenario=np.repeat(req_scen[by_time], page),
+        ts=np.repeat(req_ts[by_time], page),
+        label=label[by_time].reshape(-1).astype(np.int8),
+        probability=probability[by_time].reshape(-1),
         request=np.repeat(np.arange(n_req, dtype=np.int64), page),
     )
 
@@ -161,34 +162,50 @@ def _click_probability_in_time_order(
     strength = np.float32(cfg.transfer_strength)
     half_life_s = cfg.transfer_half_life_hours * SECONDS_PER_HOUR
     item_cat = world.items.category[items]  # [R, P]
+    n_scen = world.transfer.shape[0]
+    transfer = world.transfer.reshape(-1)  # 1-D lookups are much cheaper than 2-D fancy indexing
     probability = np.empty(items.shape, dtype=np.float32)
     start = 0
     for end in tick_end:
-        users, scen, ts = req_pos[start:end], req_scen[start:end], req_ts[start:end]  # users: state rows
-        decay = np.exp2(-(ts[:, None] - state.ts[users]) / half_life_s).astype(np.float32)  # [T, K]
-        weight = world.transfer[scen[:, None], state.scenario[users]] * decay  # [T, K]
-        same_cat = item_cat[start:end, :, None] == state.category[users][:, None, :]  # [T, P, K]
-        lift = strength * np.max(np.where(same_cat, weight[:, None, :], np.float32(0)), axis=2)  # [T, P]
-        probability[start:end] = _sigmoid(static_logit[start:end] + lift)
+        user_rows, scen, ts = req_pos[start:end], req_scen[start:end], req_ts[start:end]
+        decay = np.exp2(-(ts[:, None] - state.ts[user_rows]) / half_life_s).astype(np.float32)  # [T, K]
+        pair = scen[:, None].astype(np.int64) * n_scen + state.scenario[user_rows]  # [T, K] (int8 would overflow)
+        weight = transfer[pair] * decay  # [T, K]
+        remembered = state.category[user_rows]  # [T, K]
+        shown = item_cat[start:end]  # [T, P]
+        best = np.zeros(shown.shape, dtype=np.float32)  # [T, P]
+        for k in range(remembered.shape[1]):  # K passes over [T, P]: much faster than a [T, P, K] reduction
+            np.maximum(best, (shown == remembered[:, k, None]) * weight[:, k, None], out=best)
+        probability[start:end] = _sigmoid(static_logit[start:end] + strength * best)
         clicked = uniform[start:end] < probability[start:end]  # [T, P]
-        _remember_clicks(state, users, scen, ts, item_cat[start:end], clicked)
+        _remember_clicks(state, user_rows, scen, ts, item_cat[start:end], clicked)
         start = end
     return probability
 
 
 def _remember_clicks(
-    state: ClickState, users: np.ndarray, scen: np.ndarray, ts: np.ndarray, item_cat: np.ndarray, clicked: np.ndarray
+    state: ClickState,
+    user_rows: np.ndarray,
+    scen: np.ndarray,
+    ts: np.ndarray,
+    item_cat: np.ndarray,
+    clicked: np.ndarray,
 ) -> None:
-    """Push the clicks of one tick ([T, P] mask; each user has one request per tick) into the ring buffers."""
-    memory = state.category.shape[1]
+    """Push the clicks of one tick ([T, P] mask) into the ring buffers of `user_rows` (state rows; each user has
+    one request per tick)."""
     req, pos = np.nonzero(clicked)  # grouped by request, in page order
-    nth = np.cumsum(clicked, axis=1)[req, pos] - 1  # index of the click within its request
-    clicker = users[req]
-    slot = (state.next_slot[clicker] + nth) % memory
+    if req.size == 0:
+        return
+    first = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])  # first click of each clicking request
+    count = np.diff(np.r_[first, req.size])
+    nth = np.arange(req.size) - np.repeat(first, count)  # index of each click within its request
+    clicker = user_rows[req]
+    slot = (state.next_slot[clicker] + nth) % state.category.shape[1]
     state.category[clicker, slot] = item_cat[req, pos]
     state.scenario[clicker, slot] = scen[req]
     state.ts[clicker, slot] = ts[req]
-    state.next_slot[users] = (state.next_slot[users] + clicked.sum(axis=1)) % memory
+    who = user_rows[req[first]]
+    state.next_slot[who] = (state.next_slot[who] + count) % state.category.shape[1]
 
 
 def _sigmoid(logit: np.ndarray) -> np.ndarray:

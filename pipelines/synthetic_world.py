@@ -1,8 +1,8 @@
 """The static part of the synthetic world: users, items, their latent interests and side features.
 
 Built once from the config and a seeded generator; the day-by-day simulation (synthetic_simulate.py) only
-reads it. Memory is O(users × scenarios × latent_dim + items × latent_dim) — the per-user arrays dominate
-(≈ 4·S·d + 40 bytes per user, ≈ 200 bytes with the defaults).
+reads it. Memory is O(users × scenarios × (latent_dim + interest_categories) + items × latent_dim): the
+per-user arrays dominate, 4·S·d + 2·S·k + 4·S + 16 bytes per user (≈ 250 bytes with the defaults).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pipelines.synthetic_config import GeneratorConfig
 
 # Share of a day's requests per hour (UTC): quiet nights, a lunch bump, an evening peak.
 DIURNAL_PROFILE = np.array(
-    [1, 0.6, 0.4, 0.3, 0.3, 0.4, 0.8, 1.5, 2.2, 2.5, 2.6, 2.8, 3.2, 3.0, 2.7, 2.6, 2.7, 3.0, 3.4, 3.9, 4.3, 4.2, 3.3, 2.0]
+    [1.0, 0.6, 0.4, 0.3, 0.3, 0.4, 0.8, 1.5, 2.2, 2.5, 2.6, 2.8]  # 00-11 h
+    + [3.2, 3.0, 2.7, 2.6, 2.7, 3.0, 3.4, 3.9, 4.3, 4.2, 3.3, 2.0]  # 12-23 h
 )
 CATEGORY_SIZE_EXPONENT = 0.6  # category sizes are mildly Zipf-like
 LOG_PRICE_MEAN, LOG_PRICE_CATEGORY_STD, LOG_PRICE_ITEM_STD = 3.0, 0.8, 0.4
@@ -178,7 +179,8 @@ def _build_population(config: GeneratorConfig, category_vector: np.ndarray, rng:
     # every stage keeps unit variance per dimension, and the 1/sqrt(d) makes user·item affinities unit-variance
     segment_centre = rng.standard_normal((config.user_segments, d))
     personal = rng.standard_normal((n_users, d))
-    shared = np.sqrt(config.segment_interest) * segment_centre[segment] + np.sqrt(1 - config.segment_interest) * personal
+    by_segment = config.segment_interest
+    shared = np.sqrt(by_segment) * segment_centre[segment] + np.sqrt(1.0 - by_segment) * personal  # [U, d]
     rho = config.interest_sharing
     interest = rng.standard_normal((n_users, n_scen, d), dtype=np.float32)  # the scenario-specific deviation
     interest *= np.float32(np.sqrt(1.0 - rho))
