@@ -1,6 +1,6 @@
 """2-process part of tests/test_strategy.py, run as a script so Lightning can re-launch it per rank.
 
-Usage: python tests/strategy_worker.py OUT_DIR ONE_PROCESS_CKPT
+Usage: PYTHONPATH=<repo root> python tests/strategy_worker.py OUT_DIR ONE_PROCESS_CKPT
 Trains the toy model on 2 gloo processes with forced mixed sharding, writes per-rank losses and dense
 weights, a final sharded checkpoint (OUT_DIR/ckpt2) and logits on a fixed batch; then loads the checkpoint
 written by one process into 2 processes and writes its logits on the same batch.
@@ -15,11 +15,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msit_rec.train.sharding import ShardingConfig  # noqa: E402
-from msit_rec.train.strategy import TorchRecStrategy  # noqa: E402
-from tests.toy_model import ToyRecModule, batch_loader, make_batch  # noqa: E402
+from msit_rec.train.sharding import ShardingConfig
+from msit_rec.train.strategy import TorchRecStrategy
+from tests.toy_model import ToyRecModule, batch_loader, make_batch
 
 EVAL_BATCH = 999
 # Every placement kind at once: the planner must honour each forced type (hist is left to the planner).
@@ -66,6 +64,7 @@ def main(out: Path, one_process_ckpt: Path) -> None:
     )
     fit.fit(module, batch_loader(8), batch_loader(2, seed=1))
     rank = fit.global_rank
+    torch.save(fit.strategy.table_placements, out / f"placements_rank{rank}.pt")
     torch.save(recorder.losses, out / f"losses_rank{rank}.pt")
     torch.save({k: v.detach().clone() for k, v in module.mlp.state_dict().items()}, out / f"dense_rank{rank}.pt")
     fit.save_checkpoint(out / "ckpt2")

@@ -180,3 +180,12 @@ def plan_sharding(
         debug=False,
     )
     return planner.collective_plan(module, sharders, process_group)
+
+
+def table_placements(plan: ShardingPlan) -> dict[str, str]:
+    """Table name → chosen sharding type, e.g. for logging what the planner decided."""
+    return {
+        table: parameter_sharding.sharding_type
+        for module_plan in plan.plan.values()
+        for table, parameter_sharding in module_plan.items()  # type: ignore[attr-defined]
+    }

@@ -37,15 +37,18 @@ from msit_rec.train.checkpoint import (
     split_checkpoint,
 )
 from msit_rec.train.optim import StepAllCombinedOptimizer, init_dense_state, keyed_dense_optimizer
-from msit_rec.train.sharding import ShardingConfig, make_sharders, plan_sharding
+from msit_rec.train.sharding import ShardingConfig, make_sharders, plan_sharding, table_placements
 
 _DMP_ATTR = "_msit_dmp"  # where a sharded LightningModule keeps its DMP wrapper (not a registered child)
 DENSE_PARAM_GROUPS_KEY = "msit_dense_param_groups"  # trainer_state key: dense hyper-parameters (lr, ...)
 
 
 def available_devices(device_type: str) -> int:
-    """How many processes of `device_type` this host can run one per device (CPU: usable cores)."""
-    if device_type == "cuda":
+    """How many processes of `device_type` ("cpu", "cuda"/"gpu", ...) this host can run one per device.
+
+    For the CPU that is the number of usable cores: more gloo processes than cores only oversubscribe them.
+    """
+    if device_type in ("cuda", "gpu"):
         return torch.cuda.device_count()
     if device_type == "cpu":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -54,7 +57,10 @@ def available_devices(device_type: str) -> int:
 
 
 def check_devices(device_type: str, devices: int) -> None:
-    """Raise MsitError when more processes are asked for than this host has devices (or CPU cores)."""
+    """Raise MsitError when more processes are asked for than this host has devices (or CPU cores).
+
+    Call it before building the Trainer: Lightning's own check for GPUs raises its own exception type.
+    """
     available = available_devices(device_type)
     if devices > available:
         what = "CPU cores" if device_type == "cpu" else f"{device_type} devices"
@@ -120,8 +126,15 @@ class TorchRecStrategy(DDPStrategy):
 
     @property
     def dmp(self) -> DistributedModelParallel:
-        assert isinstance(self.model, DistributedModelParallel), "the model is sharded in setup()"
-        return self.model
+        """The DMP wrapper of the LightningModule (from setup() on; still there after teardown)."""
+        dmp = getattr(self.lightning_module, _DMP_ATTR, None)
+        assert isinstance(dmp, DistributedModelParallel), "the model is sharded in setup()"
+        return dmp
+
+    @property
+    def table_placements(self) -> dict[str, str]:
+        """Table name → sharding type the plan chose (after setup)."""
+        return table_placements(self.dmp.plan)
 
     def _combine_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> StepAllCombinedOptimizer:
         if len(optimizers) != 1:
@@ -156,8 +169,12 @@ class TorchRecStrategy(DDPStrategy):
             ]
         save_sharded(tensors, rest, filepath, is_rank_zero=self.is_global_zero)
 
-    def load_checkpoint(self, checkpoint_path: str | Path) -> dict[str, Any]:
-        """Collective: load this rank's shards (any saving world size) into the already sharded model."""
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Collective: load this rank's shards (any saving world size) into the already sharded model.
+
+        `weights_only` is accepted for Lightning's signature; trainer_state.pt is written by this project
+        and holds non-tensor objects (loop and callback state), so it is always fully unpickled.
+        """
         checkpoint = load_trainer_state(checkpoint_path)
         template: dict[str, Any] = {"state_dict": self.lightning_module.state_dict()}
         if self.optimizers:
