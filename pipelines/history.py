@@ -61,7 +61,10 @@ def index_histories(
     new_user = (pl.col(user) != pl.col(user).shift(1)).fill_null(True)
     new_moment = new_user | (pl.col(TS) != pl.col(TS).shift(1)).fill_null(True)
     keep = [user, TS, LABEL, SCENARIO, item] + ([category] if category is not None else [])
-    order = rows.select(pl.arg_sort_by([user, TS, ROW])).to_series().to_numpy()  # [N] sorted position → row
+    # [N] sorted position → row; rows usually arrive in log order, where a stable 2-key sort is the same and 2× faster
+    in_log_order = rows[ROW].is_sorted()
+    keys = [user, TS] if in_log_order else [user, TS, ROW]
+    order = rows.select(pl.arg_sort_by(keys, maintain_order=in_log_order)).to_series().to_numpy()
     ordered = (
         rows.select(keep)[order]
         .with_columns(is_event.cast(pl.Int64).alias(_EVENT))

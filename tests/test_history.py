@@ -107,3 +107,20 @@ def test_histories_match_brute_force_and_never_leak(tmp_path_factory, rows, max_
         assert history == expected[item]
         assert all(ts_of[h] < row["ts"] for h in history)  # strictly earlier: no leak, ties excluded
         assert row["hist_len"] == len(history) == len(row["hist_cat"]) == len(row["hist_scenario"])
+
+
+def test_index_does_not_depend_on_row_order() -> None:
+    from pipelines.history import HIST_HI, HIST_LO, index_histories
+
+    frame = pl.DataFrame(
+        {"user": [1, 2, 1, 1, 2, 1], "_ts": [5, 1, 5, 7, 3, 9], "_row": [0, 1, 2, 3, 4, 5],
+         "_label": [1, 1, 1, 0, 1, 1], "_scenario": [0, 1, 0, 1, 0, 1], "item": [10, 11, 12, 13, 14, 15]}
+    )
+    in_order, events = index_histories(frame, "user", "item", None, 2, "clicks")
+    shuffled, _ = index_histories(frame.reverse(), "user", "item", None, 2, "clicks")
+
+    def lists(indexed: pl.DataFrame) -> dict[int, list[int]]:
+        arrays = events.lists(indexed[HIST_LO].to_numpy(), indexed[HIST_HI].to_numpy())
+        return dict(zip(indexed["_row"].to_list(), arrays["hist_item"].to_pylist()))
+
+    assert lists(in_order) == lists(shuffled) == {0: [], 1: [], 2: [], 3: [10, 12], 4: [11], 5: [10, 12]}
