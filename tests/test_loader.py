@@ -3,10 +3,12 @@ determinism, workers, bad input, and Batch.to."""
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,6 +28,7 @@ SPARSE = ["item", "cat", "city"]
 SEQUENCE = ["hist_item", "hist_cat", "hist_scenario"]
 DENSE = ["price", "age"]
 # (rows, row group size, list flavour): several files and row groups, odd sizes, both list flavours
+# (the large_list shard is written by Polars, like `prepare` does)
 SHARDS = [(23, 10, pa.list_(pa.int64())), (17, 6, pa.large_list(pa.int64())), (9, 9, pa.list_(pa.int64()))]
 N_ROWS = sum(rows for rows, _, _ in SHARDS)
 
@@ -93,7 +96,11 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (rows, group_size, list_type) in enumerate(SHARDS):
         name = f"train/part-{i}.parquet"
         (root / "train").mkdir(exist_ok=True)
-        pq.write_table(shard_table(rng, rows, first_user, list_type), root / name, row_group_size=group_size)
+        table = shard_table(rng, rows, first_user, list_type)
+        if pa.types.is_large_list(list_type):  # as `prepare` writes them: Polars, large_list
+            pl.from_arrow(table).write_parquet(root / name, row_group_size=group_size)
+        else:
+            pq.write_table(table, root / name, row_group_size=group_size)
         files.append(name)
         first_user += rows
     write_meta(root, files, N_ROWS)
@@ -166,18 +173,16 @@ def test_list_lengths_values_on_sliced_arrays(list_type: pa.DataType) -> None:
     for start, stop in [(0, 7), (1, 4), (2, 5), (3, 4), (4, 7), (6, 7), (5, 5)]:
         lengths, values = list_lengths_values(array.slice(start, stop - start))
         expected = lists[start:stop]
-        assert lengths.dtype == torch.int32 and lengths.tolist() == [len(x) for x in expected]
+        assert lengths.dtype == np.int32 and lengths.tolist() == [len(x) for x in expected]
         assert values.tolist() == [v for x in expected for v in x]
 
 
 @pytest.mark.parametrize("world_size,batch_size", [(2, 4), (2, 25), (3, 5), (4, 16), (5, 64)])
 def test_keep_all_every_row_exactly_once_over_ranks(dataset_dir: Path, world_size: int, batch_size: int) -> None:
-    per_rank = [
-        collect(ExamplesDataset(dataset_dir, "train", batch_size, rank=r, world_size=world_size))
-        for r in range(world_size)
-    ]
-    expected = batches_per_rank(N_ROWS, world_size, batch_size, drop_last=False)
-    assert [len(b) for b in per_rank] == [expected] * world_size
+    datasets = [ExamplesDataset(dataset_dir, "train", batch_size, rank=r, world_size=world_size) for r in range(world_size)]
+    per_rank = [collect(d) for d in datasets]
+    expected = -(-N_ROWS // world_size) // batch_size + (-(-N_ROWS // world_size) % batch_size > 0)
+    assert [len(b) for b in per_rank] == [len(d) for d in datasets] == [expected] * world_size
     assert all(b.batch_size == batch_size for batches in per_rank for b in batches)
     rows = [i for batches in per_rank for i in row_indices(batches)]
     assert sorted(rows) == list(range(N_ROWS))
@@ -225,7 +230,9 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(dataset_dir: Path, oracle_r
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_two_workers_give_the_same_rows_and_batch_count(dataset_dir: Path, drop_last: bool) -> None:
+def test_two_workers_give_the_same_rows_and_batch_count(
+    dataset_dir: Path, oracle_rows: list[dict], drop_last: bool
+) -> None:
     def run(workers: int) -> list[Batch]:
         dataset = ExamplesDataset(
             dataset_dir, "train", 6, rank=1, world_size=2, shuffle=True, drop_last=drop_last, seed=5,
@@ -234,10 +241,12 @@ def test_two_workers_give_the_same_rows_and_batch_count(dataset_dir: Path, drop_
         return collect(dataset, workers)
 
     single, double = run(0), run(2)
-    assert len(single) == len(double) == len(make_loader(ExamplesDataset(dataset_dir, "train", 6, rank=1, world_size=2,
-                                                                        drop_last=drop_last), 2))
+    expected = batches_per_rank(N_ROWS, world_size=2, batch_size=6, drop_last=drop_last)
+    assert len(single) == len(double) == expected
     assert Counter(row_indices(single)) == Counter(row_indices(double))
     assert row_indices(run(2)) == row_indices(double)  # deterministic with workers too
+    for batch in double:  # batches rebuilt from the one shared buffer after crossing the process boundary
+        assert_batch_matches_rows(batch, oracle_rows)
 
 
 def rewrite_shard(root: Path, table: pa.Table, name: str = "train/part-1.parquet") -> None:
@@ -295,6 +304,18 @@ def test_id_out_of_range_names_file_and_column(broken_dir: Path) -> None:
         list(dataset)
 
 
+def test_nulls_and_inconsistent_history_name_file_and_column(broken_dir: Path) -> None:
+    table = pq.read_table(broken_dir / "train/part-1.parquet")
+    with_null = pa.array([None] + table["cat"].to_pylist()[1:], pa.int64())
+    rewrite_shard(broken_dir, table.set_column(table.schema.get_field_index("cat"), "cat", with_null))
+    with pytest.raises(DataError, match=r"part-1\.parquet.*'cat' holds nulls"):
+        list(ExamplesDataset(broken_dir, "train", 4))
+    wrong_len = pa.array(table["hist_len"].to_numpy() + 1, pa.int32())
+    rewrite_shard(broken_dir, table.set_column(table.schema.get_field_index("hist_len"), "hist_len", wrong_len))
+    with pytest.raises(DataError, match=r"part-1\.parquet.*'hist_item' differ from 'hist_len'"):
+        list(ExamplesDataset(broken_dir, "train", 4))
+
+
 def test_row_count_disagreeing_with_dataset_json(broken_dir: Path) -> None:
     table = pq.read_table(broken_dir / "train/part-1.parquet")
     rewrite_shard(broken_dir, table.slice(0, 5))
@@ -317,3 +338,36 @@ def test_batch_to_moves_every_field(dataset_dir: Path) -> None:
         back = batch.pin_memory().to(device, non_blocking=True).to(torch.device("cpu"))
         assert torch.equal(back.sequence.values(), batch.sequence.values())
         assert torch.equal(back.dense, batch.dense) and torch.equal(back.row_index, batch.row_index)
+
+
+def tensors_of(batch: Batch) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in vars(batch).items():
+        if isinstance(value, KeyedJaggedTensor):
+            out[f"{name}.values"], out[f"{name}.lengths"] = value.values(), value.lengths()
+        else:
+            out[name] = value
+    return out
+
+
+def assert_batches_equal(a: Batch, b: Batch) -> None:
+    assert a.sparse.keys() == b.sparse.keys() and a.sequence.keys() == b.sequence.keys()
+    assert a.sequence.length_per_key() == b.sequence.length_per_key()
+    assert a.sequence.offset_per_key() == b.sequence.offset_per_key()
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+
+
+def test_loader_batch_is_one_buffer_and_pickles(dataset_dir: Path) -> None:
+    batch = next(iter(ExamplesDataset(dataset_dir, "train", 8)))
+    assert len({t.untyped_storage().data_ptr() for t in tensors_of(batch).values()}) == 1
+    assert_batches_equal(pickle.loads(pickle.dumps(batch)), batch)
+
+
+def test_batch_of_separate_tensors_pickles_and_moves(dataset_dir: Path) -> None:
+    loaded = next(iter(ExamplesDataset(dataset_dir, "train", 8)))
+    separate = Batch(**{k: (v if isinstance(v, KeyedJaggedTensor) else v.clone()) for k, v in vars(loaded).items()})
+    assert_batches_equal(pickle.loads(pickle.dumps(separate)), loaded)
+    assert separate.to(torch.device("meta")).dense.device.type == "meta"

@@ -1,8 +1,9 @@
 """Arrow tables of examples → `Batch`, without per-row Python work.
 
-Primitive columns are viewed as tensors through DLPack; a list column's lengths come from its offsets and its
-values from the child buffer re-sliced by the first/last offset (a sliced list array still points at its
-parent's full child). The only copies are the concatenations that KJT's key-major layout requires.
+Columns are read as zero-copy NumPy views of the Arrow buffers; a list column's lengths come from its offsets
+and its values from the child buffer re-sliced by the first/last offset (a sliced list array still points at
+its parent's full child). Each value is then copied once, into the batch's single buffer, in the key-major
+order a KeyedJaggedTensor needs.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from msit_rec.data.batch import Batch
+from msit_rec.data.batch import Batch, keyed_jagged
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import DataError, SchemaError
 
@@ -69,9 +69,16 @@ def check_schema(schema: pa.Schema, layout: BatchLayout, where: str) -> None:
         if index < 0:
             raise SchemaError(f"{where}: missing column '{name}' (dataset.json expects {accepted[0]})")
         actual = schema.field(index).type
-        if not any(actual.equals(t) for t in accepted):
+        if not any(_same_type(actual, t) for t in accepted):
             expected = " or ".join(str(t) for t in accepted)
             raise SchemaError(f"{where}: column '{name}' has type {actual}, expected {expected}")
+
+
+def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Type equality that ignores whether a list's elements are declared nullable (writers differ)."""
+    if isinstance(actual, (pa.ListType, pa.LargeListType)) and isinstance(expected, (pa.ListType, pa.LargeListType)):
+        return type(actual) is type(expected) and actual.value_type.equals(expected.value_type)
+    return actual.equals(expected)
 
 
 def check_content(table: pa.Table, layout: BatchLayout, where: str) -> None:
@@ -97,9 +104,9 @@ def check_content(table: pa.Table, layout: BatchLayout, where: str) -> None:
             raise DataError(f"{where}: the lengths of list column '{name}' differ from 'hist_len'")
 
 
-def _tensor(array: pa.Array) -> torch.Tensor:
-    """Zero-copy tensor view of a null-free primitive Arrow array (sliced arrays included)."""
-    return torch.from_dlpack(array)
+def _view(array: pa.Array) -> np.ndarray:
+    """Zero-copy, read-only NumPy view of a null-free primitive Arrow array (sliced arrays included)."""
+    return array.to_numpy(zero_copy_only=True)
 
 
 def _single(column: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -109,65 +116,81 @@ def _single(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return column
 
 
-def list_lengths_values(array: pa.ListArray | pa.LargeListArray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lengths [n] int32, values [sum(lengths)] int64) of a null-free list array, as views where possible.
+def list_lengths_values(array: pa.ListArray | pa.LargeListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [n] int32, values [sum(lengths)] int64 view) of a null-free list array.
 
     `array.offsets` is already relative to the slice, but indexes the parent's full child array, so the values
     are cut out by the first and last offset."""
-    offsets = _tensor(array.offsets)  # [n + 1], int32 or int64
+    offsets = _view(array.offsets)  # [n + 1], int32 or int64
     first, last = int(offsets[0]), int(offsets[-1])
-    values = _tensor(array.values)
-    lengths = torch.diff(offsets).to(torch.int32)
-    return lengths, values
+    values = _view(array.values.slice(first, last - first))
+    return np.diff(offsets).astype(np.int32, copy=False), values
 
 
-def _kjt(keys: tuple[str, ...], values: list[torch.Tensor], lengths: torch.Tensor, stride: int) -> KeyedJaggedTensor:
-    length_per_key = [int(v.shape[0]) for v in values]
-    offset_per_key = np.concatenate([[0], np.cumsum(length_per_key, dtype=np.int64)]).tolist()
-    return KeyedJaggedTensor(
-        keys=list(keys),
-        values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
-        lengths=lengths,
-        stride=stride,
-        length_per_key=length_per_key,
-        offset_per_key=offset_per_key,
-    )
+_TORCH_DTYPES = {np.int32: torch.int32, np.int64: torch.int64, np.float32: torch.float32}
 
 
-def sparse_kjt(table: pa.Table, keys: tuple[str, ...]) -> KeyedJaggedTensor:
-    """KJT of single-valued id columns: every row holds exactly one id per key."""
-    rows = table.num_rows
-    values = [_tensor(_single(table.column(k))) for k in keys]  # each [B]
-    return _kjt(keys, values, torch.ones(rows * len(keys), dtype=torch.int32), rows)
+def pack_arrays(parts: dict[str, tuple[type, tuple[int, ...], list[np.ndarray]]]) -> dict[str, torch.Tensor]:
+    """Write each part (dtype, shape, source arrays) into one shared buffer and return tensor views of it.
 
-
-def sequence_kjt(table: pa.Table, keys: tuple[str, ...]) -> KeyedJaggedTensor:
-    """KJT of list columns: per key, the rows' lists back to back (empty lists have length 0)."""
-    parts = [list_lengths_values(_single(table.column(k))) for k in keys]
-    lengths = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=torch.int32)
-    return _kjt(keys, [p[1] for p in parts], lengths, table.num_rows)
+    1-D parts are the concatenation of their sources, 2-D parts stack them as columns. One buffer per batch
+    means one shared-memory transfer out of a DataLoader worker and one host-to-device copy (see `Batch`);
+    NumPy does the copies because it stays single-threaded, whereas small torch ops open OpenMP regions that
+    stall when the training threads hold the cores."""
+    starts, total = {}, 0
+    for name, (dtype, shape, _) in parts.items():
+        starts[name] = total
+        total += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8  # 8-byte aligned segments
+    arena = np.empty(total, dtype=np.uint8)
+    buffer = torch.from_numpy(arena)
+    views = {}
+    for name, (dtype, shape, sources) in parts.items():
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        out = arena[starts[name] : starts[name] + size].view(dtype).reshape(shape)
+        if sources and len(shape) == 2:
+            np.stack(sources, axis=1, out=out, casting="same_kind")
+        elif sources:
+            np.concatenate(sources, out=out, casting="same_kind")
+        views[name] = buffer[starts[name] : starts[name] + size].view(_TORCH_DTYPES[dtype]).view(shape)
+    return views
 
 
 def table_to_batch(table: pa.Table, layout: BatchLayout) -> Batch:
-    """Convert a table holding the layout's columns and ROW_INDEX_COLUMN into a Batch of `table.num_rows` rows."""
+    """Convert a table holding the layout's columns and ROW_INDEX_COLUMN into a Batch of `table.num_rows` rows.
+
+    KJT values are key-major: all rows of the first key, then all rows of the next."""
     rows = table.num_rows
 
-    def column(name: str) -> torch.Tensor:
-        return _tensor(_single(table.column(name)))
+    def column(name: str) -> np.ndarray:
+        return _view(_single(table.column(name)))
 
-    if layout.dense:
-        dense = torch.stack([column(name) for name in layout.dense], dim=1)  # [B, Fd]
-    else:
-        dense = torch.zeros(rows, 0, dtype=torch.float32)
+    lists = [list_lengths_values(_single(table.column(k))) for k in layout.sequence]
+    sequence_per_key = [int(values.shape[0]) for _, values in lists]
+    sparse_ids = rows * len(layout.sparse)
     row_index = column(ROW_INDEX_COLUMN)
+    t = pack_arrays({
+        "sparse_values": (np.int64, (sparse_ids,), [column(k) for k in layout.sparse]),
+        "sparse_lengths": (np.int32, (sparse_ids,), [np.broadcast_to(np.int32(1), (sparse_ids,))]),
+        "sequence_values": (np.int64, (sum(sequence_per_key),), [values for _, values in lists]),
+        "sequence_lengths": (np.int32, (rows * len(lists),), [lengths for lengths, _ in lists]),
+        "dense": (np.float32, (rows, len(layout.dense)), [column(k) for k in layout.dense]),
+        "scenario": (np.int64, (rows,), [column("scenario")]),
+        "label": (np.float32, (rows,), [column("label")]),
+        "user_id": (np.int64, (rows,), [column("user_id")]),
+        "hist_len": (np.int32, (rows,), [column("hist_len")]),
+        "weight": (np.float32, (rows,), [row_index >= 0]),
+        "row_index": (np.int64, (rows,), [row_index]),
+    })
+    sparse_per_key = [rows] * len(layout.sparse)
+    sequence_keys = list(layout.sequence)
     return Batch(
-        sparse=sparse_kjt(table, layout.sparse),
-        sequence=sequence_kjt(table, layout.sequence),
-        dense=dense,
-        scenario=column("scenario").to(torch.int64),
-        label=column("label"),
-        user_id=column("user_id"),
-        hist_len=column("hist_len"),
-        weight=(row_index >= 0).to(torch.float32),
-        row_index=row_index,
+        sparse=keyed_jagged(list(layout.sparse), t["sparse_values"], t["sparse_lengths"], sparse_per_key, rows),
+        sequence=keyed_jagged(sequence_keys, t["sequence_values"], t["sequence_lengths"], sequence_per_key, rows),
+        dense=t["dense"],  # [B, Fd]
+        scenario=t["scenario"],
+        label=t["label"],
+        user_id=t["user_id"],
+        hist_len=t["hist_len"],
+        weight=t["weight"],
+        row_index=t["row_index"],
     )

@@ -1,0 +1,1 @@
+"""Examples on disk (the data contract) and the batches the model reads from them."""
