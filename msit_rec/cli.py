@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from msit_rec.config import load_config, to_dict
-from msit_rec.errors import MsitError
+from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml, to_dict
+from msit_rec.errors import ConfigError, MsitError
 
 
 def _add_common(parser: argparse.ArgumentParser, default_config: str) -> None:
@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(prepare, "configs/datasets/synthetic.yaml")
     prepare.add_argument("--out", required=True, type=Path, help="output directory for the examples")
     prepare.add_argument("--source", help="raw log path (overrides source.path in the config)")
+
+    fit = commands.add_parser("fit", help="train a model variant on prepared examples (1..N processes)")
+    fit.add_argument("--data", required=True, type=Path, help="prepared examples directory (with dataset.json)")
+    fit.add_argument("--model", default="configs/model/msit.yaml", help="model config (section `model`)")
+    fit.add_argument("--trainer", default="configs/trainer/cpu.yaml", help="trainer config (section `trainer`)")
+    fit.add_argument("--out", required=True, type=Path, help="run directory: checkpoints/, logs/, fit_config.yaml")
+    fit.add_argument("--resume", type=Path, help="checkpoint directory to continue from (e.g. RUN/checkpoints/last)")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key, e.g. --set trainer.max_epochs=1 --set model.pooling=softmax")
+    fit.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars or step logs")
     return parser
 
 
@@ -80,7 +91,30 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"examples written to {args.out} (dataset.json, train/ valid/ test/, vocab/)")
 
 
-COMMANDS = {"generate": run_generate, "prepare": run_prepare}
+def run_fit(args: argparse.Namespace) -> None:
+    from msit_rec.train.fit import FitConfig, fit
+
+    sections = {"model": read_yaml(args.model), "trainer": read_yaml(args.trainer)}
+    data = {name: _section(content, name, path) for (name, content), path in zip(sections.items(), (args.model, args.trainer))}
+    config = from_dict(FitConfig, apply_overrides(data, args.overrides), "fit")
+    if args.quiet:
+        config.trainer.progress_bar = False
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return
+    result = fit(config, args.data, args.out, resume=args.resume)
+    if result.best_val_auc is not None:
+        print(f"best validation AUC {result.best_val_auc:.5f}")
+    print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last); logs: {result.log_dir}")
+
+
+def _section(content: dict, name: str, path: str) -> dict:
+    if set(content) != {name}:
+        raise ConfigError(f"config file {path}: expected exactly one top-level key '{name}', found {sorted(content)}")
+    return content[name]
+
+
+COMMANDS = {"generate": run_generate, "prepare": run_prepare, "fit": run_fit}
 
 
 def main(argv: list[str] | None = None) -> int:

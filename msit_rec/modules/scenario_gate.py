@@ -1,0 +1,60 @@
+"""Scenario gate over behaviours: how much a behaviour from scenario s_j tells about the served scenario s."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ScenarioGate(nn.Module):
+    """`b̃_j = σ(W_s [b_j ; e(s_j)] + c_s) ⊙ b_j`, with weights `W_s`, `c_s` of the *served* scenario `s`.
+
+    This is where interest transfers between scenarios: the gate sees the behaviour and the scenario it happened in,
+    and the served scenario picks the weights.
+
+    Speed: `W_s` is stored split into a behaviour block `[S, D, D]` and a scenario block `[S, E, D]`. The scenario
+    block only ever sees S distinct embeddings, so its term (with the bias) is tabulated once per call for every
+    (served, own) scenario pair `[S, S, D]` and looked up per behaviour, instead of concatenating `e(s_j)` to every
+    behaviour. The behaviour block is one `bmm` with each example's gathered `[D, D]` weight (measured faster than
+    multiplying by all S weights and picking one).
+
+    Initialisation: the bias starts at 0 and the weights like `nn.Linear` (±1/√(D+E)), so σ starts near 0.5, where
+    its slope is largest and the gate can move both ways. Starting at σ ≈ 1 (a large bias) would make the gate the
+    identity but saturated (σ' ≈ 0.05) and able only to shrink; the uniform factor ≈ 0.5 is absorbed by the
+    attention and the tower.
+
+    `per_scenario=False` keeps one weight set for all served scenarios (the gate still sees `e(s_j)`): an ablation
+    between no gate and the full gate. The `din`/`shared` variants simply do not use this module.
+    """
+
+    def __init__(self, dim: int, scenario_dim: int, num_scenarios: int, *, per_scenario: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_scenarios = num_scenarios
+        self.per_scenario = per_scenario
+        sets = num_scenarios if per_scenario else 1
+        bound = 1.0 / math.sqrt(dim + scenario_dim)
+        self.behaviour_weight = nn.Parameter(torch.empty(sets, dim, dim).uniform_(-bound, bound))  # [S, D, D]
+        self.scenario_weight = nn.Parameter(torch.empty(sets, scenario_dim, dim).uniform_(-bound, bound))  # [S, E, D]
+        self.bias = nn.Parameter(torch.zeros(sets, dim))  # [S, D]
+
+    def forward(
+        self,
+        behaviours: torch.Tensor,  # [B, L, D]
+        behaviour_scenario: torch.Tensor,  # [B, L] int, scenario of each behaviour (padding: any valid id)
+        scenario: torch.Tensor,  # [B] int, served scenario
+        scenario_table: torch.Tensor,  # [S, E], the scenario embeddings e(·)
+    ) -> torch.Tensor:  # [B, L, D]
+        # term of e(s_j) and c_s for every (served, own) pair: [sets, S, D]
+        pair_logits = torch.einsum("te,sed->std", scenario_table, self.scenario_weight) + self.bias[:, None, :]
+        if self.per_scenario:
+            pair = scenario[:, None] * self.num_scenarios + behaviour_scenario  # [B, L]
+            logits = torch.bmm(behaviours, self.behaviour_weight[scenario])  # [B, L, D]
+        else:
+            pair = behaviour_scenario
+            logits = torch.matmul(behaviours, self.behaviour_weight[0])
+        logits = logits + F.embedding(pair, pair_logits.reshape(-1, self.dim))
+        return torch.sigmoid(logits) * behaviours

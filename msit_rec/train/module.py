@@ -1,0 +1,117 @@
+"""LightningModule and LightningDataModule for the ranking model.
+
+The module holds the RankingModel (tables on the meta device; TorchRecStrategy shards them), a weighted BCE loss
+(padding rows of keep-all evaluation batches have weight 0), exact validation AUC over all ranks (torchmetrics
+gathers every prediction, it does not average per-rank AUCs), and the dense optimizer with its LR schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import BinaryAUROC
+
+from msit_rec.data.batch import Batch
+from msit_rec.data.loader import ExamplesDataset, make_loader
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.train.optim import dense_parameters
+
+
+@dataclass
+class OptimConfig:
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to 10 % of the base LR over `total_steps`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant" or total_steps <= config.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / (total_steps - config.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RankingModule(pl.LightningModule):
+    def __init__(self, meta: DatasetMeta, model_config: ModelConfig, optim: OptimConfig) -> None:
+        super().__init__()
+        self.model = RankingModel(meta, model_config)
+        self.optim = optim
+        self.val_auc = BinaryAUROC()
+
+    def forward(self, batch: Batch) -> torch.Tensor:  # [B] logits
+        return self.model(batch)
+
+    def _weighted_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        losses = F.binary_cross_entropy_with_logits(logits, batch.label, reduction="none")  # [B]
+        return (losses * batch.weight).sum() / batch.weight.sum().clamp(min=1.0)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._weighted_loss(self(batch), batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.batch_size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self(batch)
+        real = batch.weight > 0
+        self.val_auc.update(torch.sigmoid(logits[real]), batch.label[real].long())
+        self.log(
+            "val/loss", self._weighted_loss(logits, batch), sync_dist=True, batch_size=int(real.sum()), prog_bar=True
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() gathered every rank's predictions, so the value is the same everywhere: syncing averages equals
+        self.log("val/auc", self.val_auc.compute(), prog_bar=True, sync_dist=True)
+        self.val_auc.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(
+            dense_parameters(self), lr=self.optim.dense_lr, weight_decay=self.optim.weight_decay
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = LambdaLR(optimizer, lambda step: lr_factor(step, total, self.optim))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class ExamplesDataModule(pl.LightningDataModule):
+    """Per-rank loaders of a prepared dataset: training drops the ragged tail so every rank runs the same number
+    of batches (DMP hangs otherwise); validation keeps every row exactly once (padding rows carry weight 0)."""
+
+    def __init__(
+        self, root: str | Path, batch_size: int, eval_batch_size: int, num_workers: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._train: ExamplesDataset | None = None
+
+    def _dataset(self, split: str, batch_size: int, train: bool) -> ExamplesDataset:
+        return ExamplesDataset(
+            self.root, split, batch_size, rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+            seed=self.seed, shuffle=train, drop_last=train,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        self._train = self._dataset("train", self.batch_size, train=True)
+        self._train.set_epoch(self.trainer.current_epoch)
+        return make_loader(self._train, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return make_loader(self._dataset("valid", self.eval_batch_size, train=False), num_workers=self.num_workers)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return make_loader(self._dataset("test", self.eval_batch_size, train=False), num_workers=self.num_workers)

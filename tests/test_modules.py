@@ -1,0 +1,335 @@
+"""Dense modules: shapes, masking, scenario-specificity, parity with naive formulas, gradients, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from msit_rec.errors import ConfigError
+from msit_rec.modules import (
+    MLP,
+    ScenarioGate,
+    ScenarioTower,
+    StarLinear,
+    TargetAttention,
+    lengths_to_mask,
+)
+
+B, L, D, E, S = 6, 7, 8, 4, 3
+F_IN = 2 * D + D + D + E + 3  # [u, t, interest, e(s), dense] with a 2D-dim user vector and 3 dense features
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _inputs(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([0, 1, 3, 7, 5, 2])
+    return {
+        "behaviours": torch.randn(B, L, D, dtype=dtype),
+        "behaviour_scenario": torch.randint(0, S, (B, L)),
+        "scenario": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "table": torch.randn(S, E, dtype=dtype),
+        "target": torch.randn(B, D, dtype=dtype),
+        "mask": lengths_to_mask(lengths, L),
+        "lengths": lengths,
+    }
+
+
+# ---------------------------------------------------------------- oracles (independent of the library's tricks)
+
+
+def naive_gate(gate: ScenarioGate, b, sj, s, table):
+    """Per behaviour: σ([b_j ; e(s_j)] · W_s + c_s) ⊙ b_j with W_s the concatenated weight of the served scenario."""
+    full = torch.cat([gate.behaviour_weight, gate.scenario_weight], dim=1)  # [sets, D+E, D]
+    out = torch.empty_like(b)
+    for i in range(b.shape[0]):
+        k = int(s[i]) if gate.per_scenario else 0
+        for j in range(b.shape[1]):
+            x = torch.cat([b[i, j], table[sj[i, j]]])
+            out[i, j] = torch.sigmoid(x @ full[k] + gate.bias[k]) * b[i, j]
+    return out
+
+
+def naive_attention(att: TargetAttention, b, t, mask, e):
+    """The concatenation formula of DIN, then pooling over each example's real positions one by one."""
+    batch, length, dim = b.shape
+    tt = t[:, None, :].expand(batch, length, dim)
+    parts = [b, tt, b * tt, b - tt]
+    if e is not None:
+        parts.append(e[:, None, :].expand(batch, length, e.shape[-1]))
+    hidden = att.first_activation(att.first(torch.cat(parts, dim=-1)).reshape(batch * length, -1))
+    scores = att.rest(hidden).reshape(batch, length)
+    out = torch.zeros(batch, dim, dtype=b.dtype)
+    for i in range(batch):
+        real = mask[i].nonzero().squeeze(1)
+        w = scores[i, real].softmax(0) if att.pooling == "softmax" else scores[i, real]
+        out[i] = (w[:, None] * b[i, real]).sum(0)
+    return out
+
+
+def naive_star(layer: StarLinear, x, s):
+    rows = []
+    for i in range(x.shape[0]):
+        k = int(s[i])
+        w = layer.shared.weight * layer.scenario_weight[k]
+        rows.append(x[i] @ w.t() + layer.shared.bias + layer.scenario_bias[k])
+    return torch.stack(rows)
+
+
+def _randomise(module: nn.Module) -> nn.Module:
+    """Move every parameter off its (often trivial: ones/zeros) initial value so oracles are actually exercised."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return module
+
+
+# ---------------------------------------------------------------- MLP
+
+
+def test_mlp_shapes_and_hidden_scales_match_manual_stack():
+    mlp = MLP(5, [6, 4], out_dim=2).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    scales = [torch.rand(3, 6, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)]
+    h = torch.relu(mlp.linears[0](x)) * scales[0]
+    h = torch.relu(mlp.linears[1](h)) * scales[1]
+    torch.testing.assert_close(mlp(x, hidden_scales=scales), mlp.out(h))
+    assert mlp(x).shape == (3, 2)
+    assert MLP(5, [6, 4]).out_dim == 4
+
+
+def test_mlp_options_build_the_named_layers():
+    mlp = MLP(5, [6], activation="prelu", dropout=0.1, batch_norm=True)
+    assert [type(m) for m in mlp.post[0]] == [nn.BatchNorm1d, nn.PReLU, nn.Dropout]
+    with pytest.raises(ConfigError, match="activation.*'tanhh'"):
+        MLP(5, [6], activation="tanhh")
+
+
+# ---------------------------------------------------------------- scenario gate
+
+
+@pytest.mark.parametrize("per_scenario", [True, False])
+def test_gate_equals_concatenated_formula(per_scenario: bool):
+    gate = _randomise(ScenarioGate(D, E, S, per_scenario=per_scenario).double())
+    x = _inputs()
+    out = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
+    assert out.shape == (B, L, D)
+    expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
+    torch.testing.assert_close(out, expected)
+
+
+def test_gate_own_scenario_acts_only_through_the_gate():
+    gate = _randomise(ScenarioGate(D, E, S).double())
+    x = _inputs()
+    b, sj, s, table = x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"]
+    other_sj = (sj + 1) % S
+    # changing one behaviour's own scenario changes that behaviour only
+    one = sj.clone()
+    one[3, 2] = other_sj[3, 2]
+    base, moved = gate(b, sj, s, table), gate(b, one, s, table)
+    changed = (base != moved).any(-1)
+    assert changed[3, 2] and changed.sum() == 1
+    # with the gate saturated open for served scenario 1, own scenarios no longer matter there (σ = 1 → b̃ = b)
+    with torch.no_grad():
+        gate.bias[1] = 60.0
+    served_1 = s == 1
+    out, out_other = gate(b, sj, s, table), gate(b, other_sj, s, table)
+    assert torch.equal(out[served_1], b[served_1])
+    assert torch.equal(out_other[served_1], b[served_1])
+    assert not torch.equal(out[~served_1], out_other[~served_1])
+
+
+def test_gate_weights_are_per_served_scenario():
+    gate = _randomise(ScenarioGate(D, E, S).double())
+    x = _inputs()
+    args = (x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
+    before = gate(*args)
+    with torch.no_grad():
+        gate.behaviour_weight[1] += 1.0
+        gate.scenario_weight[1] += 1.0
+        gate.bias[1] += 1.0
+    after = gate(*args)
+    served_1 = x["scenario"] == 1
+    assert torch.equal(before[~served_1], after[~served_1])
+    assert not torch.allclose(before[served_1], after[served_1])
+
+
+# ---------------------------------------------------------------- target attention
+
+
+@pytest.mark.parametrize("pooling", ["sum", "softmax"])
+@pytest.mark.parametrize("scenario_dim", [0, E])
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+def test_fast_attention_equals_naive_concatenation(pooling: str, scenario_dim: int, activation: str):
+    att = _randomise(
+        TargetAttention(D, (16, 8), scenario_dim=scenario_dim, activation=activation, pooling=pooling).double()
+    )
+    x = _inputs()
+    e = torch.randn(B, E, dtype=torch.float64) if scenario_dim else None
+    out = att(x["behaviours"], x["target"], x["mask"], e)
+    assert out.shape == (B, D)
+    torch.testing.assert_close(out, naive_attention(att, x["behaviours"], x["target"], x["mask"], e))
+
+
+@pytest.mark.parametrize("pooling", ["sum", "softmax"])
+def test_padding_never_changes_the_interest(pooling: str):
+    gate = _randomise(ScenarioGate(D, E, S).double())
+    att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E, pooling=pooling).double())
+    x = _inputs()
+    e = x["table"][x["scenario"]]
+
+    def interest(b, sj, mask):
+        return att(gate(b, sj, x["scenario"], x["table"]), x["target"], mask, e)
+
+    base = interest(x["behaviours"], x["behaviour_scenario"], x["mask"])
+    pad = ~x["mask"]
+    # arbitrary values (and own scenarios) on padded slots
+    b2 = torch.where(pad[..., None], torch.randn(B, L, D, dtype=torch.float64) * 100, x["behaviours"])
+    sj2 = torch.where(pad, torch.randint(0, S, (B, L)), x["behaviour_scenario"])
+    assert torch.equal(interest(b2, sj2, x["mask"]), base)
+    # extra empty slots at the end
+    extra = 5
+    b3 = torch.cat([x["behaviours"], torch.randn(B, extra, D, dtype=torch.float64)], dim=1)
+    sj3 = torch.cat([x["behaviour_scenario"], torch.randint(0, S, (B, extra))], dim=1)
+    torch.testing.assert_close(interest(b3, sj3, lengths_to_mask(x["lengths"], L + extra)), base, rtol=0, atol=1e-12)
+    # an empty history gives a zero interest
+    assert torch.equal(base[0], torch.zeros(D, dtype=torch.float64))
+
+
+def test_attention_rejects_bad_config_and_missing_scenario():
+    with pytest.raises(ConfigError, match="pooling"):
+        TargetAttention(D, pooling="mean")  # type: ignore[arg-type]
+    att = TargetAttention(D, scenario_dim=E)
+    x = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="scenario_emb"):
+        att(x["behaviours"], x["target"], x["mask"])
+
+
+def test_lengths_to_mask():
+    assert lengths_to_mask(torch.tensor([0, 2, 3]), 3).tolist() == [
+        [False, False, False],
+        [True, True, False],
+        [True, True, True],
+    ]
+
+
+# ---------------------------------------------------------------- STAR
+
+
+def test_star_linear_equals_per_example_formula_and_is_per_scenario():
+    layer = _randomise(StarLinear(5, 4, S).double())
+    x = torch.randn(9, 5, dtype=torch.float64)
+    s = torch.tensor([2, 0, 1, 2, 2, 0, 1, 0, 2])
+    out = layer(x, s)
+    torch.testing.assert_close(out, naive_star(layer, x, s))
+    # a scenario absent from the batch is fine
+    torch.testing.assert_close(layer(x[s != 1], s[s != 1]), out[s != 1])
+    with torch.no_grad():
+        layer.scenario_weight[1] += 1.0
+        layer.scenario_bias[1] += 1.0
+    after = layer(x, s)
+    assert torch.equal(after[s != 1], out[s != 1])
+    assert not torch.allclose(after[s == 1], out[s == 1])
+
+
+def test_star_starts_as_the_shared_linear():
+    layer = StarLinear(5, 4, S)
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(layer(x, torch.tensor([0, 1, 2, 0, 1, 2])), layer.shared(x))
+
+
+# ---------------------------------------------------------------- tower
+
+
+def test_tower_gates_start_as_identity():
+    plain = ScenarioTower(F_IN, E, (16, 8), input_gate=False)
+    gated = ScenarioTower(F_IN, E, (16, 8), input_gate=True, hidden_gates=True)
+    gated.mlp.load_state_dict(plain.mlp.state_dict())
+    x, e = torch.randn(B, F_IN), torch.randn(B, E)
+    out = gated(x, e)
+    assert out.shape == (B,)
+    torch.testing.assert_close(out, plain(x, e))
+
+
+def test_tower_gates_follow_epnet_ppnet_formula():
+    tower = _randomise(ScenarioTower(F_IN, E, (16, 8), hidden_gates=True).double())
+    x, e = torch.randn(B, F_IN, dtype=torch.float64), torch.randn(B, E, dtype=torch.float64)
+
+    def gate(linear: nn.Linear) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(e @ linear.weight.t() + linear.bias)
+
+    h = x * gate(tower.input_gate.linear)
+    for linear, hidden_gate in zip(tower.mlp.linears, tower.hidden_gates):
+        h = torch.relu(linear(h)) * gate(hidden_gate.linear)
+    torch.testing.assert_close(tower(x, e), tower.mlp.out(h).squeeze(-1))
+
+
+def test_star_tower_is_per_scenario():
+    tower = _randomise(ScenarioTower(F_IN, E, (16, 8), num_scenarios=S, input_gate=False).double())
+    x, e = torch.randn(B, F_IN, dtype=torch.float64), torch.randn(B, E, dtype=torch.float64)
+    s = _inputs()["scenario"]
+    before = tower(x, e, s)
+    with torch.no_grad():
+        for layer in [*tower.mlp.linears, tower.mlp.out]:
+            layer.scenario_weight[2] *= 1.5
+    after = tower(x, e, s)
+    assert torch.equal(before[s != 2], after[s != 2])
+    assert not torch.allclose(before[s == 2], after[s == 2])
+
+
+# ---------------------------------------------------------------- the stack: gradients and export
+
+
+class Stack(nn.Module):
+    """Gate → attention → tower with every option on, on plain tensors (as the serving module will be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(S, E))
+        self.gate = ScenarioGate(D, E, S)
+        self.attention = TargetAttention(D, (16, 8), scenario_dim=E, activation="prelu", pooling="softmax")
+        self.tower = ScenarioTower(F_IN, E, (16, 8), hidden_gates=True, num_scenarios=S)
+
+    def forward(self, behaviours, behaviour_scenario, scenario, target, mask, user, dense):
+        e = self.table[scenario]  # [B, E]
+        gated = self.gate(behaviours, behaviour_scenario, scenario, self.table)
+        interest = self.attention(gated, target, mask, e)
+        return self.tower(torch.cat([user, target, interest, e, dense], dim=-1), e, scenario)
+
+
+def _stack_inputs(batch: int) -> tuple[torch.Tensor, ...]:
+    lengths = torch.randint(0, L + 1, (batch,))
+    return (
+        torch.randn(batch, L, D),
+        torch.randint(0, S, (batch, L)),
+        torch.arange(batch) % S,
+        torch.randn(batch, D),
+        lengths_to_mask(lengths, L),
+        torch.randn(batch, 2 * D),
+        torch.randn(batch, 3),
+    )
+
+
+def test_gradients_reach_every_parameter():
+    stack = Stack()
+    inputs = _stack_inputs(12)
+    labels = torch.randint(0, 2, (12,)).float()
+    nn.functional.binary_cross_entropy_with_logits(stack(*inputs), labels).backward()
+    for name, p in stack.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_export_with_dynamic_batch():
+    stack = Stack().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = tuple({0: batch} for _ in range(7))
+    program = torch.export.export(stack, _stack_inputs(8), dynamic_shapes=shapes)
+    exported = program.module()
+    for size in (1, 5, 37):
+        inputs = _stack_inputs(size)
+        torch.testing.assert_close(exported(*inputs), stack(*inputs))
