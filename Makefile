@@ -28,7 +28,10 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/msit-rec generate --config configs/generate/demo.yaml --out $(DEMO_DIR)/raw --overwrite
 	$(BIN)/msit-rec prepare --config configs/datasets/synthetic.yaml --source $(DEMO_DIR)/raw --out $(DEMO_DIR)/examples --overwrite
-	@echo "demo outputs: raw logs in $(DEMO_DIR)/raw, examples + dataset.json in $(DEMO_DIR)/examples"
+	rm -rf $(DEMO_DIR)/msit
+	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/msit.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/msit --set trainer.max_epochs=1 --quiet
+	@echo "demo outputs: raw logs in $(DEMO_DIR)/raw, examples + dataset.json in $(DEMO_DIR)/examples,"
+	@echo "  msit model trained on 2 processes: checkpoints in $(DEMO_DIR)/msit/checkpoints, logs in $(DEMO_DIR)/msit/logs"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

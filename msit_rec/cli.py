@@ -103,6 +103,8 @@ def run_fit(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return
     result = fit(config, args.data, args.out, resume=args.resume)
+    if result.global_rank != 0:
+        return
     if result.best_val_auc is not None:
         print(f"best validation AUC {result.best_val_auc:.5f}")
     print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last); logs: {result.log_dir}")

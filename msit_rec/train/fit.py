@@ -67,6 +67,7 @@ class FitResult:
     last_checkpoint: str
     best_val_auc: float | None
     log_dir: str
+    global_rank: int  # every process returns a result; only rank 0 should report it
 
 
 def check_model_fits_dataset(meta: DatasetMeta, model: ModelConfig) -> None:
@@ -120,6 +121,7 @@ def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: st
         last_checkpoint=str(checkpoints.last_model_path),
         best_val_auc=float(best_score) if best_score is not None else None,
         log_dir=str(out_dir / "logs"),
+        global_rank=trainer.global_rank,
     )
     if trainer.is_global_zero:
         (out_dir / "fit_result.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
