@@ -4,7 +4,7 @@ How: sort the rows by (user, ts, row). The qualifying events, in that order, for
 for every row, the number of events before it in that order is a running count. An example's history is
 the slice [lo, hi) of the event array, where hi = the running count at the *first* row of its (user, ts)
 group (so events at the same ts — ties — are excluded) and lo = max(hi − L, the user's first event).
-Everything is a sort, a cumulative sum and a forward fill in Polars; the lists themselves are materialised
+Everything is a sort, a cumulative sum and a forward fill (numpy); the lists themselves are materialised
 chunk by chunk with one numpy gather, straight into Arrow list arrays (no per-row Python work, and memory
 per chunk is chunk_rows × L, not rows × L).
 """
@@ -21,9 +21,6 @@ from pipelines.validate import LABEL, ROW, SCENARIO, TS
 
 HIST_LO = "_hist_lo"
 HIST_HI = "_hist_hi"
-_EVENT = "_is_event"
-_BEFORE = "_events_before"
-_USER_START = "_user_first_event"
 
 
 @dataclass
@@ -49,47 +46,50 @@ class HistoryEvents:
         }
 
 
+def _user_codes(users: pl.Series) -> np.ndarray:
+    """Integer user keys for sorting: the ids themselves, or exact dense codes for text ids."""
+    if users.dtype.is_integer():
+        return users.cast(pl.Int64).to_numpy()
+    return users.cast(pl.String).cast(pl.Categorical).to_physical().cast(pl.Int64).to_numpy()
+
+
+def _forward_fill_index(starts: np.ndarray) -> np.ndarray:
+    """For each position, the index of the latest position at or before it where `starts` is True."""
+    return np.maximum.accumulate(np.where(starts, np.arange(len(starts)), 0))
+
+
 def index_histories(
     rows: pl.DataFrame, user: str, item: str, category: str | None, max_len: int, events: str
 ) -> tuple[pl.DataFrame, HistoryEvents]:
     """`rows` with HIST_LO/HIST_HI added (row order unchanged), and the event arrays they point into.
 
     `rows` holds valid examples with the user key column, TS, ROW, LABEL, SCENARIO and the encoded
-    item (and category) columns. Only those few columns are sorted; the bounds are scattered back.
+    item (and category) columns. The work is one numpy lexsort (≈5× a multi-key Polars sort here) and
+    linear passes over the sorted keys.
     """
-    is_event = (pl.col(LABEL) == 1) if events == "clicks" else pl.lit(True)
-    new_user = (pl.col(user) != pl.col(user).shift(1)).fill_null(True)
-    new_moment = new_user | (pl.col(TS) != pl.col(TS).shift(1)).fill_null(True)
-    keep = [user, TS, LABEL, SCENARIO, item] + ([category] if category is not None else [])
-    # [N] sorted position → row; rows usually arrive in log order, where a stable 2-key sort is the same and 2× faster
-    in_log_order = rows[ROW].is_sorted()
-    keys = [user, TS] if in_log_order else [user, TS, ROW]
-    order = rows.select(pl.arg_sort_by(keys, maintain_order=in_log_order)).to_series().to_numpy()
-    ordered = (
-        rows.select(keep)[order]
-        .with_columns(is_event.cast(pl.Int64).alias(_EVENT))
-        .with_columns((pl.col(_EVENT).cum_sum() - pl.col(_EVENT)).alias(_BEFORE))
-        .with_columns(
-            pl.when(new_user).then(pl.col(_BEFORE)).forward_fill().alias(_USER_START),
-            pl.when(new_moment).then(pl.col(_BEFORE)).forward_fill().alias(HIST_HI),
-        )
-        .with_columns(pl.max_horizontal(pl.col(HIST_HI) - max_len, pl.col(_USER_START)).alias(HIST_LO))
-    )
-    bounds = {}
-    for name in (HIST_LO, HIST_HI):
-        values = np.empty(len(order), dtype=np.int64)
-        values[order] = ordered[name].to_numpy()
-        bounds[name] = values
-    event_rows = ordered.filter(pl.col(_EVENT) == 1)
-    category_ids = (
-        event_rows[category].to_numpy() if category is not None else np.ones(len(event_rows), dtype=np.int64)
-    )
+    user_codes = _user_codes(rows[user])
+    order = np.lexsort((rows[ROW].to_numpy(), rows[TS].to_numpy(), user_codes))  # [N] sorted position → row
+    users = user_codes[order]
+    ts = rows[TS].to_numpy()[order]
+    is_event = rows[LABEL].to_numpy()[order] == 1 if events == "clicks" else np.ones(len(order), dtype=bool)
+    before = np.cumsum(is_event) - is_event  # [N] events strictly before this position (all users)
+    new_user = np.ones(len(order), dtype=bool)
+    new_user[1:] = users[1:] != users[:-1]
+    new_moment = new_user.copy()
+    new_moment[1:] |= ts[1:] != ts[:-1]
+    user_first_event = before[_forward_fill_index(new_user)]
+    hi_sorted = before[_forward_fill_index(new_moment)]  # ties at the same ts see only what precedes them all
+    lo_sorted = np.maximum(hi_sorted - max_len, user_first_event)
+    lo, hi = np.empty_like(lo_sorted), np.empty_like(hi_sorted)
+    lo[order], hi[order] = lo_sorted, hi_sorted
+    event_rows = order[is_event]  # rows of the events, in (user, ts, row) order
+    categories = rows[category].to_numpy()[event_rows] if category is not None else np.ones(len(event_rows))
     history = HistoryEvents(
-        item=np.ascontiguousarray(event_rows[item].to_numpy(), dtype=np.int64),
-        category=np.ascontiguousarray(category_ids, dtype=np.int64),
-        scenario=np.ascontiguousarray(event_rows[SCENARIO].to_numpy(), dtype=np.int64),
+        item=np.ascontiguousarray(rows[item].to_numpy()[event_rows], dtype=np.int64),
+        category=np.ascontiguousarray(categories, dtype=np.int64),
+        scenario=np.ascontiguousarray(rows[SCENARIO].to_numpy()[event_rows], dtype=np.int64),
     )
-    return rows.with_columns(pl.Series(HIST_LO, bounds[HIST_LO]), pl.Series(HIST_HI, bounds[HIST_HI])), history
+    return rows.with_columns(pl.Series(HIST_LO, lo), pl.Series(HIST_HI, hi)), history
 
 
 def precomputed_lists(
