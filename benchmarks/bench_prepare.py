@@ -26,12 +26,12 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msit_rec.config import load_config  # noqa: E402
-from pipelines.config import CategoricalFeature, DatasetConfig  # noqa: E402
-from pipelines.encode import fit_encoder  # noqa: E402
-from pipelines.history import index_histories  # noqa: E402
-from pipelines.source import read_source  # noqa: E402
-from pipelines.validate import LABEL, ROW, TS, tag_rows  # noqa: E402
+from msit_rec.config import load_config
+from pipelines.config import CategoricalFeature, DatasetConfig
+from pipelines.encode import fit_encoder
+from pipelines.history import index_histories
+from pipelines.source import read_source
+from pipelines.validate import LABEL, ROW, TS, tag_rows
 
 DATASET_CONFIG = ROOT / "configs" / "datasets" / "synthetic.yaml"
 GENERATE_CONFIG = ROOT / "configs" / "generate" / "synthetic.yaml"

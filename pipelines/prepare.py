@@ -27,6 +27,7 @@ from msit_rec.data.spec import (
     OOV_INDEX,
     SPLITS,
     DatasetMeta,
+    FeatureKind,
     FeatureSpec,
     HistoryInfo,
     NumericStats,
@@ -246,17 +247,12 @@ def _write_vocabularies(encoders: dict[str, FittedEncoder], out_dir: Path) -> di
 def _feature_specs(
     config: DatasetConfig, encoders: dict[str, FittedEncoder], scenarios: list[str], vocab_files: dict[str, str]
 ) -> list[FeatureSpec]:
-    specs = [
-        FeatureSpec(
-            name="scenario",
-            kind="scenario",
-            source=config.columns.scenario,
-            table="scenario",
-            cardinality=len(scenarios),
-            embedding_dim=config.scenario_embedding_dim,
-            encoding="scenario",
+    def scenario_spec(name: str, kind: FeatureKind) -> FeatureSpec:  # the example's scenario and each behaviour's
+        return FeatureSpec(
+            name, kind, config.columns.scenario, "scenario", len(scenarios), config.scenario_embedding_dim, "scenario"
         )
-    ]
+
+    specs = [scenario_spec("scenario", "scenario")]
     by_name = {f.name: f for f in config.categorical}
     for feature in config.categorical:
         specs.append(
@@ -278,17 +274,7 @@ def _feature_specs(
         specs.append(_sequence_spec("hist_cat", cat.name, cat.table, encoders[cat.name], cat.embedding_dim))
     else:  # no category in this dataset: hist_cat is all OOV, on a table of its own
         specs.append(FeatureSpec("hist_cat", "sequence", "", "hist_cat", OOV_INDEX + 1, item.embedding_dim))
-    specs.append(
-        FeatureSpec(
-            name="hist_scenario",
-            kind="sequence",
-            source=config.columns.scenario,
-            table="scenario",
-            cardinality=len(scenarios),
-            embedding_dim=config.scenario_embedding_dim,
-            encoding="scenario",
-        )
-    )
+    specs.append(scenario_spec("hist_scenario", "sequence"))
     specs += [FeatureSpec(f.name, "dense", f.column, encoding="numeric") for f in config.numeric]
     return specs
 
@@ -348,10 +334,8 @@ def _write_split(
     bar.close()
     files = writer.close()
     clicks = int(rows[LABEL].sum()) if len(rows) else 0
-    per_scenario = dict(
-        (sid, (n, k))
-        for sid, n, k in rows.group_by(SCENARIO).agg(pl.len(), pl.col(LABEL).cast(pl.Int64).sum()).iter_rows()
-    )
+    counts = rows.group_by(SCENARIO).agg(pl.len(), pl.col(LABEL).cast(pl.Int64).sum())
+    per_scenario = {sid: (n, k) for sid, n, k in counts.iter_rows()}
     log.info("%s: %d rows in %d files", split, len(rows), len(files))
     return SplitStats(
         rows=len(rows),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 
@@ -22,7 +22,7 @@ def cutoff_seconds(value: int | str, key: str) -> int:
     except ValueError:
         raise ConfigError(f"{key}: expected epoch seconds or an ISO date/datetime, got {value!r}") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp())
 
 

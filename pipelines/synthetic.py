@@ -31,7 +31,7 @@ from pipelines.synthetic_config import SCENARIO_NAMES, GeneratorConfig
 from pipelines.synthetic_simulate import ChunkLog, ClickState, simulate_chunk
 from pipelines.synthetic_world import World, build_world
 
-__all__ = ["SCENARIO_NAMES", "GeneratorConfig", "GenerateSummary", "ScenarioSummary", "generate", "simulate_world"]
+__all__ = ["SCENARIO_NAMES", "GenerateSummary", "GeneratorConfig", "ScenarioSummary", "generate", "simulate_world"]
 
 SECONDS_PER_DAY = 86_400
 CALIBRATION_ROUNDS = 3

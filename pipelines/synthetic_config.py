@@ -143,7 +143,7 @@ class GeneratorConfig:
     def start_epoch(self) -> int:
         """Epoch seconds of `start_date` 00:00 UTC."""
         day = dt.date.fromisoformat(self.start_date)
-        return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
+        return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
 
 
 def _check_range(

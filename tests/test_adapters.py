@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -332,8 +332,8 @@ def test_kuairand_time_columns_label_option_and_bad_inputs(tmp_path: Path) -> No
     write_csv(tmp_path / "log.csv", header, rows)
     frame = read_kuairand(source(tmp_path, "kuairand", file="log.csv", label="long_view")).collect()
     expected_ts = [
-        int(datetime(2022, 4, 8, 19, 30, tzinfo=timezone.utc).timestamp()),
-        int(datetime(2022, 4, 9, 0, 5, tzinfo=timezone.utc).timestamp()),
+        int(datetime(2022, 4, 8, 19, 30, tzinfo=UTC).timestamp()),
+        int(datetime(2022, 4, 9, 0, 5, tzinfo=UTC).timestamp()),
     ]
     assert frame["ts"].to_list() == expected_ts
     assert frame["label"].to_list() == [1, 0]

@@ -88,7 +88,7 @@ def test_same_raw_id_same_index_and_unseen_ids_are_oov(prepared) -> None:
 
 
 def test_metadata_counts_and_normalisation(prepared) -> None:
-    out, meta, log, config = prepared
+    out, meta, log, _ = prepared
     reloaded = DatasetMeta.load(out)
     assert reloaded == meta
     assert meta.scenarios == SCENARIOS

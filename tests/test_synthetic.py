@@ -17,7 +17,7 @@ import yaml
 
 from msit_rec.config import from_dict, load_config, to_dict
 from msit_rec.errors import ConfigError, MsitError
-from pipelines.synthetic import SCENARIO_NAMES, GeneratorConfig, GenerateSummary, generate
+from pipelines.synthetic import SCENARIO_NAMES, GenerateSummary, GeneratorConfig, generate
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "generate" / "tiny.yaml"
 

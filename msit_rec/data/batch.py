@@ -12,8 +12,9 @@ dominate otherwise (about 1 ms per tensor to send out of a worker, measured on t
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor

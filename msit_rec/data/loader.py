@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msit_rec.data.arrow_kjt import ROW_INDEX_COLUMN, BatchLayout, check_content, check_schema, table_to_batch
