@@ -52,9 +52,10 @@ class ScenarioGate(nn.Module):
         pair_logits = torch.einsum("te,sed->std", scenario_table, self.scenario_weight) + self.bias[:, None, :]
         if self.per_scenario:
             pair = scenario[:, None] * self.num_scenarios + behaviour_scenario  # [B, L]
-            logits = torch.bmm(behaviours, self.behaviour_weight[scenario])  # [B, L, D]
+            weight = self.behaviour_weight[scenario]  # [B, D, D]
         else:
             pair = behaviour_scenario
-            logits = torch.matmul(behaviours, self.behaviour_weight[0])
-        logits = logits + F.embedding(pair, pair_logits.reshape(-1, self.dim))
-        return torch.sigmoid(logits) * behaviours
+            weight = self.behaviour_weight[0].expand(behaviours.shape[0], -1, -1)  # [B, D, D], a view
+        pair_term = F.embedding(pair, pair_logits.reshape(-1, self.dim))  # [B, L, D]
+        # fused: one [B, L, D] tensor for the logits, gated in place (sigmoid's backward needs only its output)
+        return torch.baddbmm(pair_term, behaviours, weight).sigmoid_() * behaviours

@@ -1,0 +1,360 @@
+"""Training throughput of `msit` at the reference size of issue 3, through the real path and against a plain twin.
+
+Reference size: batch 4096, 19 single-valued sparse features of dim 16 (configs/datasets/synthetic_wide.yaml),
+item and category histories of L=50, attention MLP 64-32, tower 512-256. Measured, each in its own process so that
+peak RSS is per configuration:
+- `train_1p`: 1 process through the real path: examples loader → Lightning → TorchRecStrategy (DMP) → fused
+  row-wise Adagrad for tables + AdamW for dense parameters, once per sequence path (`pooled_bags`,
+  `embedding_collection`: the second shows FBGEMM's slow unpooled CPU backward, notes/torchrec-on-cpu.md);
+- `train_2p`: the same on 2 processes (gloo), one thread each; examples/s counts both ranks;
+- `plain_twin`: the same architecture in plain PyTorch — `nn.Embedding` tables (sparse gradients, Adagrad) and the
+  same dense modules (`RankingModel` with its embeddings swapped), AdamW, one process, the same loader;
+- `loader`: the examples loader alone (Parquet → Batch, one whole shuffled epoch), to see whether input or compute
+  bounds training.
+
+Data: a synthetic log with long click histories (generator knobs below; the mean hist_len is reported, since
+the attention cost grows with it), prepared with synthetic_wide.yaml into a temporary directory (or `--data DIR`,
+an already prepared one). Throughput is steady state: `--warmup` steps are run first, then `--steps` are timed;
+examples/s = examples of the timed steps / their wall time (loader included, as in training). The machine may
+be shared: the load average is recorded, and each configuration is measured `--repeats` times (best kept).
+
+glibc returns large freed blocks to the kernel by default (blocks ≥ 32 MiB are always mmap-ed): every
+[B, L, 64] activation then costs fresh page faults each step, which are expensive in a VM. `tune_malloc` keeps
+them in the heap; it is on by default (`--no-malloc-tune` measures without it) and applies to every configuration.
+
+    python benchmarks/bench_train.py [--quick] [--output benchmarks/results/bench_train.json] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 4096
+GENERATOR_SETTINGS = {  # few users with many impressions and clicks: histories reach L=50 (mean ≈ 36)
+    "users": 4000,
+    "days": 30,
+    "daily_active_fraction": 0.6,
+    "impressions_per_user_day": 20,
+    "scenario_ctr": [0.25, 0.3, 0.28, 0.25, 0.3],
+}
+QUICK_GENERATOR_SETTINGS = {**GENERATOR_SETTINGS, "users": 1500}
+
+
+def tune_malloc() -> None:
+    """Keep freed memory in glibc's heap, so that large activations reuse pages instead of faulting in new ones."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap top back
+    libc.mallopt(-2, 256 << 20)  # M_TOP_PAD: grow the heap in 256 MiB steps
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(root: Path, quick: bool) -> Path:
+    settings = QUICK_GENERATOR_SETTINGS if quick else GENERATOR_SETTINGS
+    cli = [sys.executable, "-m", "msit_rec.cli"]
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    subprocess.run([*cli, "generate", "--quiet", "--overwrite", "--out", str(root / "raw"), *overrides], check=True)
+    subprocess.run(
+        [*cli, "prepare", "--quiet", "--overwrite", "--config", str(REPO / "configs/datasets/synthetic_wide.yaml"),
+         "--source", str(root / "raw"), "--out", str(root / "examples")],
+        check=True,
+    )
+    return root / "examples"
+
+
+def describe_data(data: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from msit_rec.data.spec import DatasetMeta
+
+    meta = DatasetMeta.load(data)
+    files = [data / name for name in meta.splits["train"].files]
+    hist_len = pq.read_table(files, columns=["hist_len"]).column("hist_len").to_numpy()
+    return {
+        "train_rows": int(hist_len.size),
+        "train_batches": int(hist_len.size // BATCH),
+        "sparse_features": len(meta.features_of_kind("sparse")),
+        "max_len": meta.history.max_len,
+        "mean_hist_len": round(float(hist_len.mean()), 2),
+        "share_at_max_len": round(float((hist_len == meta.history.max_len).mean()), 3),
+    }
+
+
+# ---- workers (each runs in its own process) -------------------------------------------------------------------
+
+
+def window_stats(marks: list[tuple[float, float]], warmup: int, examples_per_step: int) -> dict[str, Any]:
+    """Throughput over the steps after `warmup`, from (wall, cpu) marks taken at the end of each step."""
+    timed = marks[warmup - 1 :]
+    walls = sorted(b[0] - a[0] for a, b in zip(timed[:-1], timed[1:]))
+    wall = timed[-1][0] - timed[0][0]
+    cpu = timed[-1][1] - timed[0][1]
+    steps = len(timed) - 1
+    return {
+        "steps": steps,
+        "examples_per_s": round(examples_per_step * steps / wall),
+        "median_step_ms": round(1e3 * walls[len(walls) // 2], 1),
+        "best_step_ms": round(1e3 * walls[0], 1),
+        "cpu_s_per_step": round(cpu / steps, 3),
+    }
+
+
+def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+
+    from msit_rec.embeddings import SequencePath
+    from msit_rec.model import ModelConfig
+    from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
+    from msit_rec.train.sharding import ShardingConfig
+    from msit_rec.train.strategy import TorchRecStrategy
+    from msit_rec.data.spec import DatasetMeta
+
+    class StepMarks(pl.Callback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float]] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    devices = params["devices"]
+    torch.set_num_threads(max(1, params["threads"] // devices))
+    pl.seed_everything(0, verbose=False)
+    marks = StepMarks()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=TorchRecStrategy(ShardingConfig(embedding_lr=0.05)),
+        max_steps=params["warmup"] + params["steps"], limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, default_root_dir=params["scratch"], callbacks=[marks],
+    )
+    meta = DatasetMeta.load(params["data"])
+    module = RankingModule(meta, ModelConfig(sequence_path=SequencePath(params["path"])), OptimConfig())
+    trainer.fit(module, datamodule=ExamplesDataModule(params["data"], BATCH, BATCH, 0, 0))
+    result = window_stats(marks.marks, params["warmup"], BATCH * devices)
+    return {**result, "rank": trainer.global_rank, "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib()}
+
+
+def run_twin(params: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from msit_rec.data.loader import ExamplesDataset, make_loader
+    from msit_rec.data.spec import DatasetMeta
+    from msit_rec.embeddings import EmbeddingLayout
+    from msit_rec.model import ModelConfig, RankingModel
+    from msit_rec.modules import lengths_to_mask
+
+    class PlainEmbeddings(nn.Module):
+        """`BatchEmbeddings` in plain PyTorch: one `nn.Embedding` per table (row 0 = padding stays zero)."""
+
+        def __init__(self, meta: DatasetMeta) -> None:
+            super().__init__()
+            self.layout = EmbeddingLayout.from_meta(meta)
+            self.sparse_keys = [f.name for f in meta.features_of_kind("sparse")]
+            self.tables = nn.ModuleDict()
+            for spec in [*meta.features_of_kind("sparse"), *meta.features_of_kind("sequence")]:
+                table = spec.table or spec.name
+                if table not in self.tables and spec.name != "hist_scenario":
+                    self.tables[table] = nn.Embedding(spec.cardinality, spec.embedding_dim, padding_idx=0, sparse=True)
+            self.table_of = {s.name: s.table or s.name for s in meta.features}
+
+        def forward(self, sparse, sequence, hist_len):
+            batch = hist_len.shape[0]
+            ids = sparse.values().view(len(self.sparse_keys), batch)  # [F, B]: one id per row and key
+            column = {key: ids[i] for i, key in enumerate(self.sparse_keys)}
+            pooled = torch.cat([self.tables[self.table_of[f]](column[f]) for f in self.layout.bag_features], -1)
+            mask = lengths_to_mask(hist_len, self.layout.max_len)  # [B, L]
+            lists = dict(zip(sequence.keys(), sequence.values().split(sequence.length_per_key())))
+            targets, behaviours = [], []
+            for slot in self.layout.slots:
+                padded = hist_len.new_zeros(mask.shape, dtype=torch.long)
+                padded[mask] = lists[slot.sequence]  # jagged values are row-major, oldest first
+                behaviours.append(self.tables[slot.table](padded))  # [B, L, d]
+                targets.append(self.tables[slot.table](column[slot.target]))  # [B, d]
+            return pooled, torch.cat(targets, -1), torch.cat(behaviours, -1)
+
+    torch.set_num_threads(params["threads"])
+    torch.manual_seed(0)
+    meta = DatasetMeta.load(params["data"])
+    model = RankingModel(meta, ModelConfig(), device=torch.device("cpu"))
+    model.embeddings = PlainEmbeddings(meta)
+    tables = list(model.embeddings.parameters())
+    table_ids = {id(p) for p in tables}
+    optimizers = [
+        torch.optim.Adagrad(tables, lr=0.05),
+        torch.optim.AdamW([p for p in model.parameters() if id(p) not in table_ids], lr=1e-3),
+    ]
+    loader = make_loader(ExamplesDataset(params["data"], "train", BATCH, shuffle=True, drop_last=True))
+    marks = []
+    for i, batch in enumerate(loader):
+        if i == params["warmup"] + params["steps"]:
+            break
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        F.binary_cross_entropy_with_logits(model(batch), batch.label).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        marks.append((time.perf_counter(), time.process_time()))
+    return {**window_stats(marks, params["warmup"], BATCH), "threads": params["threads"], "peak_rss_mib": peak_rss_mib()}
+
+
+def run_loader(params: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from msit_rec.data.loader import ExamplesDataset, make_loader
+
+    torch.set_num_threads(params["threads"])
+    dataset = ExamplesDataset(params["data"], "train", BATCH, shuffle=True, drop_last=True)
+    marks = [(time.perf_counter(), time.process_time())]
+    for _ in make_loader(dataset):  # a whole epoch: batches cut from a buffer are cheap, row-group reads are not
+        marks.append((time.perf_counter(), time.process_time()))
+    return {**window_stats(marks, params["warmup"], BATCH), "peak_rss_mib": peak_rss_mib()}
+
+
+WORKERS = {"lightning": run_lightning, "twin": run_twin, "loader": run_loader}
+
+
+def worker_main(kind: str, params_json: str) -> None:
+    params = json.loads(params_json)
+    if params["malloc_tune"]:
+        tune_malloc()
+    result = WORKERS[kind](params)
+    rank = result.get("rank", 0)
+    Path(f"{params['result']}.rank{rank}").write_text(json.dumps(result))
+
+
+def measure(kind: str, params: dict[str, Any], scratch: Path, name: str) -> dict[str, Any]:
+    """Run one configuration in fresh processes (Lightning launches the other ranks itself)."""
+    result_file = scratch / f"{name}.json"
+    params = {**params, "result": str(result_file), "scratch": str(scratch / name)}
+    load = os.getloadavg()[0]
+    subprocess.run(
+        [sys.executable, __file__, "--worker", kind, json.dumps(params)], check=True, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if not params.get("verbose") else None,
+    )
+    ranks = [json.loads(p.read_text()) for p in sorted(scratch.glob(f"{name}.json.rank*"))]
+    for p in scratch.glob(f"{name}.json.rank*"):
+        p.unlink()
+    first = ranks[0]
+    first["peak_rss_mib_per_process"] = [round(r["peak_rss_mib"]) for r in ranks]
+    first.pop("peak_rss_mib")
+    first["load_avg_1m_before"] = round(load, 2)
+    return first
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+
+
+CONFIGS = [  # name, worker, extra params
+    ("loader", "loader", {}),
+    ("plain_twin", "twin", {}),
+    ("train_1p pooled_bags", "lightning", {"devices": 1, "path": "pooled_bags"}),
+    ("train_2p pooled_bags", "lightning", {"devices": 2, "path": "pooled_bags"}),
+    ("train_1p embedding_collection", "lightning", {"devices": 1, "path": "embedding_collection"}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/bench_train.json")
+    parser.add_argument("--data", type=Path, help="an already prepared examples directory (else one is generated)")
+    parser.add_argument("--quick", action="store_true", help="smaller data, fewer steps, one repeat")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--only", nargs="+", help="measure only these configurations (names as in the table)")
+    parser.add_argument("--no-malloc-tune", dest="malloc_tune", action="store_false")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "PARAMS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(*args.worker)
+        return
+    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
+    steps = args.steps if args.steps is not None else (8 if args.quick else 25)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        scratch = Path(tmp)
+        started = time.perf_counter()
+        data = args.data if args.data is not None else prepare_data(scratch, args.quick)
+        data_info = describe_data(data)
+        data_info["prepare_s"] = None if args.data is not None else round(time.perf_counter() - started, 1)
+        print(f"data: {data} {data_info}")
+        base = {"data": str(data), "threads": args.threads, "warmup": warmup, "malloc_tune": args.malloc_tune,
+                "verbose": args.verbose}
+        rows = []
+        for name, kind, extra in CONFIGS:
+            if args.only and name not in args.only:
+                continue
+            params = {**base, **extra}
+            if kind == "lightning" and extra["path"] == "embedding_collection":
+                params["steps"] = max(4, steps // 3)  # ~10× slower: fewer steps
+            else:
+                params["steps"] = steps
+            runs = [measure(kind, params, scratch, f"{name.replace(' ', '_')}_{r}") for r in range(repeats)]
+            best = max(runs, key=lambda r: r["examples_per_s"])
+            row = {"name": name, **best, "all_examples_per_s": [r["examples_per_s"] for r in runs]}
+            rows.append(row)
+            print(f"  {name:<32} {row['examples_per_s']:>8} ex/s  (runs {row['all_examples_per_s']}, "
+                  f"load {row['load_avg_1m_before']})", flush=True)
+
+    by_name = {r["name"]: r for r in rows}
+    twin = by_name.get("plain_twin", {}).get("examples_per_s")
+    train = by_name.get("train_1p pooled_bags", {}).get("examples_per_s")
+    for row in rows:
+        row["ratio_vs_plain_twin"] = round(row["examples_per_s"] / twin, 2) if twin else None
+    loader = by_name.get("loader", {}).get("examples_per_s")
+    summary = {
+        "msit_1p_examples_per_s": train,
+        "target_1p_examples_per_s": 25_000,
+        "loader_over_training": round(loader / train, 2) if loader and train else None,
+        "target_loader_over_training": 5.0,
+    }
+    print(f"\nmsit, B={BATCH}, {data_info['sparse_features']} sparse features, L={data_info['max_len']} "
+          f"(mean hist_len {data_info['mean_hist_len']}), threads={args.threads}, malloc_tune={args.malloc_tune}, "
+          f"load avg now {os.getloadavg()[0]:.2f}")
+    print(f"{'configuration':<32}{'ex/s':>9}{'vs twin':>9}{'median ms':>11}{'cpu s/step':>11}{'peak RSS MiB':>16}")
+    for r in rows:
+        ratio = f"{r['ratio_vs_plain_twin']:.2f}" if r["ratio_vs_plain_twin"] is not None else "-"
+        rss = "/".join(str(x) for x in r["peak_rss_mib_per_process"])
+        print(f"{r['name']:<32}{r['examples_per_s']:>9}{ratio:>9}{r['median_step_ms']:>11}{r['cpu_s_per_step']:>11}"
+              f"{rss:>16}")
+    print(f"summary: {summary}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "settings": {"batch": BATCH, "threads": args.threads, "warmup": warmup, "steps": steps, "repeats": repeats,
+                     "malloc_tune": args.malloc_tune, "quick": args.quick, "generator": (
+                         QUICK_GENERATOR_SETTINGS if args.quick else GENERATOR_SETTINGS) if args.data is None else None,
+                     "model": "msit, attention 64-32, tower 512-256"},
+        "data": data_info,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "rows": rows,
+        "summary": summary,
+    }
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
