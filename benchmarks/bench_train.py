@@ -19,8 +19,9 @@ examples/s = examples of the timed steps / their wall time (loader included, as 
 be shared: the load average is recorded, and each configuration is measured `--repeats` times (best kept).
 
 glibc returns large freed blocks to the kernel by default (blocks ≥ 32 MiB are always mmap-ed): every
-[B, L, 64] activation then costs fresh page faults each step, which are expensive in a VM. `tune_malloc` keeps
-them in the heap; it is on by default (`--no-malloc-tune` measures without it) and applies to every configuration.
+[B, L, 64] activation then costs fresh page faults each step, which are expensive in a VM.
+`msit_rec.train.host.tune_glibc_malloc` (which `msit-rec fit` applies too) keeps them in the heap; it is on by
+default (`--no-malloc-tune` measures without it) and applies to every configuration.
 
     python benchmarks/bench_train.py [--quick] [--output benchmarks/results/bench_train.json] [--data DIR]
 """
@@ -28,7 +29,6 @@ them in the heap; it is on by default (`--no-malloc-tune` measures without it) a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -50,14 +50,6 @@ GENERATOR_SETTINGS = {  # few users with many impressions and clicks: histories 
     "scenario_ctr": [0.25, 0.3, 0.28, 0.25, 0.3],
 }
 QUICK_GENERATOR_SETTINGS = {**GENERATOR_SETTINGS, "users": 1500}
-
-
-def tune_malloc() -> None:
-    """Keep freed memory in glibc's heap, so that large activations reuse pages instead of faulting in new ones."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap top back
-    libc.mallopt(-2, 256 << 20)  # M_TOP_PAD: grow the heap in 256 MiB steps
 
 
 def peak_rss_mib() -> float:
@@ -234,9 +226,11 @@ WORKERS = {"lightning": run_lightning, "twin": run_twin, "loader": run_loader}
 
 
 def worker_main(kind: str, params_json: str) -> None:
+    from msit_rec.train.host import tune_glibc_malloc
+
     params = json.loads(params_json)
     if params["malloc_tune"]:
-        tune_malloc()
+        tune_glibc_malloc()
     result = WORKERS[kind](params)
     rank = result.get("rank", 0)
     Path(f"{params['result']}.rank{rank}").write_text(json.dumps(result))

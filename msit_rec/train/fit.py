@@ -22,6 +22,7 @@ from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError
 from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.train.host import tune_glibc_malloc
 from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
 from msit_rec.train.sharding import ShardingConfig
 from msit_rec.train.strategy import TorchRecStrategy, check_devices
@@ -41,7 +42,11 @@ class TrainerConfig:
     num_workers: int = 0
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     seed: int = 0
+    # seeded runs repeat bit for bit: without it some CPU kernels of the model's backward differ in the last bit
+    # between identical runs (measured), and the difference grows with training. False may be faster on GPU.
+    deterministic: bool = True
     early_stopping_patience: int = 2
+    tune_malloc: bool = True  # keep large freed blocks in glibc's heap (msit_rec/train/host.py): fewer page faults
     log_every_n_steps: int = 20
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
@@ -83,6 +88,8 @@ def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: st
     check_devices(t.accelerator, t.devices)
     if resume is not None and not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no checkpoint directory there")
+    if t.tune_malloc:
+        tune_glibc_malloc()
     pl.seed_everything(t.seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fit_config.yaml").write_text(
@@ -98,6 +105,7 @@ def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: st
         num_nodes=t.num_nodes,
         strategy=TorchRecStrategy(t.sharding),
         precision=t.precision,
+        deterministic="warn" if t.deterministic else None,  # "warn": ops with no deterministic kernel still run
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         limit_train_batches=t.limit_train_batches,
