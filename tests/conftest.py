@@ -23,3 +23,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.shared_data)
+
+
+# A small prepared dataset (configs/generate/tiny.yaml → configs/datasets/synthetic.yaml, histories of at most
+# SMALL_MAX_LEN), made once per session: model and training tests read batches from it.
+SMALL_MAX_LEN = 5
+
+
+@pytest.fixture(scope="session")
+def small_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Examples directory (dataset.json + train/valid/test shards) of ~30k generated impressions."""
+    from msit_rec.config import load_config
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+    from pipelines.synthetic import generate
+    from pipelines.synthetic_config import GeneratorConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("small_examples")
+    generate(load_config(repo / "configs/generate/tiny.yaml", GeneratorConfig, "generate"), root / "raw", progress=False)
+    dataset = load_config(
+        repo / "configs/datasets/synthetic.yaml", DatasetConfig, "dataset",
+        overrides=[f"source.path={root / 'raw'}", f"history.max_len={SMALL_MAX_LEN}"],
+    )
+    prepare(dataset, root / "examples")
+    return root / "examples"

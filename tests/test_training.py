@@ -1,0 +1,278 @@
+"""`msit_rec.train.fit.fit` end to end on generated data with the real model: 2 gloo processes, sharded checkpoints
+across world sizes, resume, determinism, and msit against the baselines on the smallest scenario.
+
+Oracles: the ranks against each other, a plain unsharded RankingModel loaded from the checkpoint, an uninterrupted
+run for resume, a second run for determinism, and for quality a paired bootstrap over validation rows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import msit_rec.train.fit as fit_module
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.model import RankingModel
+from msit_rec.train.checkpoint import load_unsharded_checkpoint, load_unsharded_state_dict
+from msit_rec.train.fit import FitConfig, fit
+from tests.test_strategy import LAUNCH_ENV, flat_tensors, in_process_launch_env  # noqa: F401 (autouse fixture)
+from tests.training_worker import (
+    SMALL_RUN,
+    RecordingModule,
+    fit_config,
+    load_for_inference,
+    probe_batch,
+    probe_logits,
+)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "training_worker.py"
+EPOCHS = 2
+STEPS_PER_EPOCH = 8  # trainer.limit_train_batches in SMALL_RUN
+assert f"trainer.limit_train_batches={STEPS_PER_EPOCH}" in SMALL_RUN and f"trainer.max_epochs={EPOCHS}" in SMALL_RUN
+
+
+def recorded_fit(
+    config: FitConfig, data_dir: Path, out: Path, stop_after_epochs: int | None = None, resume: Path | None = None
+) -> dict[str, Any]:
+    """Run `fit` in this process with a RecordingModule; return its record (losses, dense weights, probe logits)."""
+    recording = type("Recording", (RecordingModule,), {
+        "record_dir": out / "record", "data_dir": data_dir, "stop_after_epochs": stop_after_epochs,
+    })
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit_module, "RankingModule", recording)
+        fit(config, data_dir, out, resume=resume)
+    return torch.load(out / "record" / "rank0.pt")
+
+
+def plain_model(config: FitConfig, data_dir: Path, ckpt: Path) -> RankingModel:
+    """Unsharded reference: a RankingModel on the CPU with the checkpoint's full tables."""
+    model = RankingModel(DatasetMeta.load(data_dir), config.model, device=torch.device("cpu"))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in load_unsharded_state_dict(ckpt).items()})
+    return model.eval()
+
+
+def plain_logits(config: FitConfig, data_dir: Path, ckpt: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return plain_model(config, data_dir, ckpt)(probe_batch(data_dir))
+
+
+# ---- one process: determinism and resume ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(small_examples: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two identical uninterrupted runs, and one stopped after epoch 1 then resumed with `resume=last.ckpt`."""
+    root = tmp_path_factory.mktemp("one_process")
+    config = fit_config()
+    runs: dict[str, Any] = {"config": config, "root": root}
+    runs["full"] = recorded_fit(config, small_examples, root / "full")
+    runs["again"] = recorded_fit(config, small_examples, root / "again")
+    runs["stopped"] = recorded_fit(config, small_examples, root / "stopped", stop_after_epochs=1)
+    runs["stop_ckpt"] = flat_tensors(load_unsharded_checkpoint(root / "stopped" / "checkpoints" / "last.ckpt"))
+    runs["resumed"] = recorded_fit(
+        config, small_examples, root / "stopped", resume=root / "stopped" / "checkpoints" / "last.ckpt"
+    )
+    return runs
+
+
+def last_checkpoint(runs: dict[str, Any], name: str) -> Path:
+    return runs["root"] / name / "checkpoints" / "last.ckpt"
+
+
+def test_one_process_training_is_deterministic(one_process_runs: dict[str, Any]) -> None:
+    full, again = one_process_runs["full"], one_process_runs["again"]
+    assert len(full["losses"]) == EPOCHS * STEPS_PER_EPOCH
+    assert full["losses"] == again["losses"]  # bit-identical, step by step
+    first = flat_tensors(load_unsharded_checkpoint(last_checkpoint(one_process_runs, "full")))
+    second = flat_tensors(load_unsharded_checkpoint(last_checkpoint(one_process_runs, "again")))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_resume_after_a_stop_equals_the_uninterrupted_run(one_process_runs: dict[str, Any]) -> None:
+    full, stopped, resumed = (one_process_runs[k] for k in ("full", "stopped", "resumed"))
+    assert len(stopped["losses"]) == STEPS_PER_EPOCH  # it really stopped after one epoch
+    assert stopped["losses"] + resumed["losses"] == full["losses"]
+    uninterrupted = flat_tensors(load_unsharded_checkpoint(last_checkpoint(one_process_runs, "full")))
+    continued = flat_tensors(load_unsharded_checkpoint(last_checkpoint(one_process_runs, "stopped")))
+    assert uninterrupted.keys() == continued.keys()
+    assert any("momentum1" in k for k in continued) and any("exp_avg_sq" in k for k in continued)
+    moved = [k for k in continued if not torch.equal(continued[k], one_process_runs["stop_ckpt"][k])]
+    assert any("tower" in k for k in moved) and any("embedding_bags.item" in k for k in moved)  # the resume trained
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], continued[key]), key
+
+
+# ---- two processes ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_process_run(small_examples: Path, one_process_runs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run tests/training_worker.py, which Lightning launches as 2 gloo processes."""
+    out = tmp_path_factory.mktemp("two_process")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env["PYTHONPATH"] = str(REPO)
+    one_process_ckpt = last_checkpoint(one_process_runs, "full")
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(small_examples), str(out), str(one_process_ckpt)],
+        cwd=out, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out
+
+
+def test_two_processes_learn_and_keep_dense_weights_identical(two_process_run: Path) -> None:
+    records = [torch.load(two_process_run / "record" / f"rank{rank}.pt") for rank in (0, 1)]
+    for record in records:
+        losses = torch.tensor(record["losses"])
+        assert len(losses) == EPOCHS * STEPS_PER_EPOCH
+        assert losses[-4:].mean() < 0.7 * losses[:4].mean(), losses
+    assert records[0]["losses"] != records[1]["losses"]  # the ranks trained on different rows
+    dense = [record["dense"] for record in records]
+    assert dense[0].keys() == dense[1].keys() and any(k.startswith("gate.") for k in dense[0])
+    for key in dense[0]:
+        assert torch.equal(dense[0][key], dense[1][key]), key
+    torch.testing.assert_close(records[0]["logits"], records[1]["logits"], rtol=0, atol=0)
+
+
+def test_two_process_checkpoint_loads_into_one_process_and_a_plain_model(
+    two_process_run: Path, small_examples: Path, one_process_runs, tmp_path: Path
+) -> None:
+    trained = torch.load(two_process_run / "record" / "rank0.pt")["logits"]
+    ckpt = two_process_run / "record" / "final.ckpt"
+    config = one_process_runs["config"]  # the planner's own placement in one process: resharded on load
+    module, _ = load_for_inference(small_examples, ckpt, config, devices=1, root=tmp_path)
+    torch.testing.assert_close(probe_logits(module, small_examples), trained, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain_logits(config, small_examples, ckpt), trained, rtol=0, atol=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (strategy/ModelCheckpoint, 2 processes): after a 2-epoch fit on 2 processes, checkpoints/last.ckpt "
+    "holds epoch 0 (global_step 8 of 16) and its dense weights differ from both ranks' final ones; in 1 process "
+    "last.ckpt is the final state",
+)
+def test_two_process_last_checkpoint_is_the_final_state(two_process_run: Path) -> None:
+    last = two_process_run / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "trainer_state.pt", weights_only=False)["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    final = load_unsharded_state_dict(two_process_run / "record" / "final.ckpt")
+    saved = load_unsharded_state_dict(last)
+    for key in final:
+        assert torch.equal(final[key], saved[key]), key
+
+
+def test_one_process_checkpoint_loads_into_two_processes(two_process_run: Path, small_examples: Path, one_process_runs):
+    from_one = torch.load(two_process_run / "from_one_process.pt")
+    config = one_process_runs["config"]
+    expected = plain_logits(config, small_examples, last_checkpoint(one_process_runs, "full"))
+    torch.testing.assert_close(one_process_runs["full"]["logits"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_one, expected, rtol=0, atol=1e-6)
+    trained_in_two = torch.load(two_process_run / "record" / "rank0.pt")["logits"]
+    assert not torch.allclose(from_one, trained_in_two, atol=1e-3)  # two different models were compared
+
+
+# ---- msit against the baselines where interest transfers between scenarios ------------------------------------
+
+# A world where a click lifts the same category for a week (transfer_strength 3, half-life 168 h), but each scenario
+# is lifted by clicks from ONE source scenario: its own for the four large ones, `search` for the smallest (`new`).
+# A model blind to the behaviours' scenarios (din, shared) can only learn the average of these rules.
+TRANSFER_WORLD = (
+    "users=3000", "items=1500", "categories=10", "days=10", "impressions_per_user_day=8.0",
+    "scenario_shares=[0.4, 0.25, 0.15, 0.12, 0.08]", "interest_exposure=[0.25, 0.6, 0.45, 0.3, 0.6]",
+    "transfer_strength=3.0", "transfer_half_life_hours=168.0", "transfer_memory=16",
+    "interest_sharing=1.0", "interest_strength=0.5",
+    "transfer_matrix=[[1,0,0,0,0],[0,1,0,0,0],[0,0,1,0,0],[0,0,0,1,0],[0,1,0,0,0]]",
+)
+TRANSFER_PREPARE = ("history.max_len=20", "split.valid_fraction=0.3", "split.test_fraction=0.05")
+SAME_BUDGET = (  # every variant: 2 full epochs, same seed, same optimisers
+    "trainer.batch_size=512", "trainer.max_epochs=2", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1",
+    "trainer.optim.dense_lr=0.003", "trainer.seed=0",
+)
+BOOTSTRAP_RESAMPLES = 1000
+
+
+@pytest.fixture(scope="module")
+def transfer_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from msit_rec.config import load_config
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+    from pipelines.synthetic import generate
+    from pipelines.synthetic_config import GeneratorConfig
+
+    root = tmp_path_factory.mktemp("transfer")
+    generate(load_config(REPO / "configs/generate/tiny.yaml", GeneratorConfig, "generate", list(TRANSFER_WORLD)),
+             root / "raw", progress=False)
+    config = load_config(REPO / "configs/datasets/synthetic.yaml", DatasetConfig, "dataset",
+                         [f"source.path={root / 'raw'}", *TRANSFER_PREPARE])
+    prepare(config, root / "examples")
+    return root / "examples"
+
+
+def valid_predictions(model: RankingModel, data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probability, label, scenario) of every validation row, in split order."""
+    from msit_rec.data.loader import ExamplesDataset, make_loader
+
+    probs, labels, scenarios = [], [], []
+    with torch.no_grad():
+        for batch in make_loader(ExamplesDataset(data_dir, "valid", 4096)):
+            real = batch.weight > 0
+            probs.append(torch.sigmoid(model(batch))[real])
+            labels.append(batch.label[real])
+            scenarios.append(batch.scenario[real])
+    return tuple(torch.cat(t).numpy() for t in (probs, labels, scenarios))  # type: ignore[return-value]
+
+
+def paired_bootstrap_lower_bound(labels: np.ndarray, better: np.ndarray, worse: np.ndarray, seed: int = 0) -> float:
+    """5th percentile of AUC(better) - AUC(worse) over resampled rows: > 0 means better wins at 95 % (one-sided)."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        rows = rng.integers(0, len(labels), len(labels))
+        if labels[rows].min() == labels[rows].max():
+            continue
+        diffs.append(roc_auc_score(labels[rows], better[rows]) - roc_auc_score(labels[rows], worse[rows]))
+    return float(np.percentile(diffs, 5))
+
+
+@pytest.mark.skipif(
+    os.environ.get("MSIT_QUALITY_TESTS") != "1",
+    reason="~4 min and not yet robust (see the xfail reason): run with MSIT_QUALITY_TESTS=1",
+)
+@pytest.mark.xfail(
+    strict=False,
+    reason="not yet robust (2 runs on the 2-core dev machine, seed 0, valid rows of `new`: 2948, 285 clicks): with "
+    "trainer.deterministic AUC msit 0.6400 / din 0.6254 / shared 0.6114, paired-bootstrap 5th-percentile margin "
+    "+0.0044 vs din, +0.0186 vs shared (passes); an earlier run before that fix (and before concurrent module edits): "
+    "0.6562 / 0.6528 / 0.6493, margins -0.0008 / -0.0015 (fails). Needs more seeds or a larger validation set",
+)
+def test_msit_beats_shared_and_din_on_the_smallest_scenario(transfer_examples: Path, tmp_path: Path) -> None:
+    meta = DatasetMeta.load(transfer_examples)
+    train_rows = {name: stats.rows for name, stats in meta.splits["train"].scenarios.items()}
+    smallest = min(train_rows, key=train_rows.get)
+    assert smallest == "new" and train_rows[smallest] < 0.1 * sum(train_rows.values())
+    aucs, probs = {}, {}
+    for variant in ("msit", "din", "shared"):
+        config = fit_config(variant, SAME_BUDGET)
+        result = fit(config, transfer_examples, tmp_path / variant)
+        prob, labels, scenarios = valid_predictions(
+            plain_model(config, transfer_examples, Path(result.last_checkpoint)), transfer_examples
+        )
+        rows = scenarios == meta.scenarios.index(smallest)
+        probs[variant], small_labels = prob[rows], labels[rows]
+        aucs[variant] = roc_auc_score(small_labels, probs[variant])
+    margins = {v: paired_bootstrap_lower_bound(small_labels, probs["msit"], probs[v]) for v in ("din", "shared")}
+    print(f"AUC on {smallest}: {aucs}; paired-bootstrap 5th percentile of msit's margin: {margins}")
+    assert aucs["msit"] > aucs["din"] and aucs["msit"] > aucs["shared"], aucs
+    assert min(margins.values()) > 0, margins
