@@ -90,6 +90,8 @@ class RankingModel(nn.Module):
         )
         # S rows: a plain dense (replicated) table; absent when the variant never looks at the scenario
         self.scenario_embedding = nn.Embedding(num_scenarios, scenario_dim) if uses_scenario else None
+        if parts.behaviour_gate:
+            meta.feature("hist_scenario")  # the gate reads each behaviour's scenario: fail now, not in step one
         self.gate = ScenarioGate(dim, scenario_dim, num_scenarios) if parts.behaviour_gate else None
         self.attention = (
             TargetAttention(

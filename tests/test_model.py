@@ -250,11 +250,6 @@ def test_more_devices_than_the_host_has_fails_fit_before_training(small_examples
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model bug: RankingModel builds a gated variant on a dataset without hist_scenario and fails only in "
-    "the first training step with KeyError('hist_scenario') from batch.sequence[...] (msit_rec/model.py forward)",
-)
 def test_gated_variant_on_a_dataset_without_behaviour_scenarios_is_a_config_error(meta) -> None:
     with pytest.raises(ConfigError, match="hist_scenario"):
         model(without_feature(meta, "hist_scenario"), GATED)
@@ -266,11 +261,6 @@ def test_ungated_variant_needs_no_behaviour_scenarios(meta, rows) -> None:
     torch.testing.assert_close(out, logits(model(meta, "din"), to_batch(rows, meta)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model bug: RankingModel on a dataset.json without the 'scenario' feature raises KeyError from "
-    "DatasetMeta.feature (msit_rec/model.py __init__), not a ConfigError; `msit-rec fit` then prints a traceback",
-)
 def test_dataset_without_scenario_feature_is_a_config_error(meta) -> None:
     with pytest.raises(ConfigError, match="scenario"):
         model(without_feature(meta, "scenario"), "shared")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from msit_rec.config import from_dict, to_dict
-from msit_rec.errors import DataError
+from msit_rec.errors import ConfigError, DataError
 
 CONTRACT_VERSION = 1
 PADDING_INDEX = 0  # encoded id 0 = padding (empty history slot)
@@ -96,7 +96,9 @@ class DatasetMeta:
         for spec in self.features:
             if spec.name == name:
                 return spec
-        raise KeyError(f"feature '{name}' is not in dataset '{self.name}' (has {[f.name for f in self.features]})")
+        raise ConfigError(
+            f"feature '{name}' is not in dataset '{self.name}' (dataset.json has {[f.name for f in self.features]})"
+        )
 
     def features_of_kind(self, kind: FeatureKind) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == kind]
