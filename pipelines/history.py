@@ -68,7 +68,9 @@ def index_histories(
     linear passes over the sorted keys.
     """
     user_codes = _user_codes(rows[user])
-    order = np.lexsort((rows[ROW].to_numpy(), rows[TS].to_numpy(), user_codes))  # [N] sorted position → row
+    # [N] sorted position → row; lexsort is stable, so rows already in log order need no third key
+    row_key = () if rows[ROW].is_sorted() else (rows[ROW].to_numpy(),)
+    order = np.lexsort((*row_key, rows[TS].to_numpy(), user_codes))
     users = user_codes[order]
     ts = rows[TS].to_numpy()[order]
     is_event = rows[LABEL].to_numpy()[order] == 1 if events == "clicks" else np.ones(len(order), dtype=bool)
