@@ -58,6 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a key, e.g. --set trainer.max_epochs=1 --set model.pooling=softmax")
     fit.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     fit.add_argument("--quiet", action="store_true", help="no progress bars or step logs")
+
+    evaluate = commands.add_parser("evaluate", help="score checkpoints on a split: per-scenario metrics, report, plots")
+    evaluate.add_argument("--run", dest="runs", action="append", required=True, type=Path, metavar="RUN",
+                          help="run directory of `msit-rec fit`; repeat to compare models on the same rows")
+    evaluate.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint directory (one --run)")
+    evaluate.add_argument("--split", default="test", help="split to score (default: test)")
+    evaluate.add_argument("--data", type=Path, help="examples directory (default: the first run's training data)")
+    evaluate.add_argument("--batch_size", type=int, default=8192, help="rows per scoring batch (default: 8192)")
+    evaluate.add_argument("--out", required=True, type=Path,
+                          help="output directory: metrics.json, scores.parquet, report.md, plots")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    compare = commands.add_parser("compare", help="report + paired bootstrap AUC differences from saved evaluations")
+    compare.add_argument("inputs", nargs="+", type=Path, metavar="METRICS",
+                         help="metrics.json files or `evaluate --out` directories; the first model is the reference")
+    compare.add_argument("--out", required=True, type=Path, help="output directory: comparison.json, report.md, plots")
+    compare.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    compare.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    compare.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -110,13 +132,38 @@ def run_fit(args: argparse.Namespace) -> None:
     print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last); logs: {result.log_dir}")
 
 
+def run_evaluate(args: argparse.Namespace) -> None:
+    from msit_rec.evaluate import evaluate_runs, write_evaluation
+    from msit_rec.report import metrics_table
+
+    evaluation = evaluate_runs(
+        args.runs, args.checkpoint, args.split, data_dir=args.data, batch_size=args.batch_size, progress=not args.quiet
+    )
+    written = write_evaluation(evaluation, args.out, overwrite=args.overwrite)
+    print(metrics_table({name: model.metrics for name, model in evaluation.metrics.models.items()}))
+    print(f"evaluation written to {args.out}: {', '.join(path.name for path in written)}")
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from msit_rec.compare import compare, difference_table
+
+    comparison, written = compare(
+        args.inputs, args.out, resamples=args.resamples, level=args.level, seed=args.seed, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(difference_table(comparison))
+    print(f"comparison written to {args.out}: {', '.join(path.name for path in written)}")
+
+
 def _section(content: dict, name: str, path: str) -> dict:
     if set(content) != {name}:
         raise ConfigError(f"config file {path}: expected exactly one top-level key '{name}', found {sorted(content)}")
     return content[name]
 
 
-COMMANDS = {"generate": run_generate, "prepare": run_prepare, "fit": run_fit}
+COMMANDS = {
+    "generate": run_generate, "prepare": run_prepare, "fit": run_fit, "evaluate": run_evaluate, "compare": run_compare
+}
 
 
 def main(argv: list[str] | None = None) -> int:

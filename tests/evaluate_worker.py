@@ -40,8 +40,11 @@ def synthetic_share(rank: int) -> ScoredRows:
     )
     if rank == 1:
         padding = ScoredRows(
-            row_index=torch.full((13,), -1), score=torch.zeros(13, dtype=torch.float64),
-            label=torch.zeros(13), scenario=torch.zeros(13, dtype=torch.int32), user_id=torch.zeros(13, dtype=torch.int64),
+            row_index=torch.full((13,), -1),
+            score=torch.zeros(13, dtype=torch.float64),
+            label=torch.zeros(13),
+            scenario=torch.zeros(13, dtype=torch.int32),
+            user_id=torch.zeros(13, dtype=torch.int64),
         )
         rows = ScoredRows.concat([rows, padding])
     return rows

@@ -1,0 +1,260 @@
+"""`msit-rec compare`: the evaluation report of several models from saved results, plus paired bootstrap CIs of
+their per-scenario AUC differences, so that noise can be told from a real gain.
+
+The first model is the reference; every other model's AUC difference to it is resampled on the same test rows
+(paired): each resample draws, within every scenario, as many rows as the scenario has, with replacement, and
+both models' AUCs are computed on that same resample (the overall AUC on the union of the per-scenario draws).
+Every resample is a weight vector over the rows, so AUCs come from one sort per model (`metrics.ranked_auc`);
+resamples run in chunks of about `chunk_elements` row weights, which bounds memory (≈ 10 × 8 bytes ×
+chunk_elements, ≈ 0.3 GB by default). Time grows as resamples × rows: two models, 1000 resamples of 100k rows
+take ≈ 14 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from msit_rec.config import to_dict
+from msit_rec.errors import ConfigError, DataError
+from msit_rec.metrics import RankedRows, optional_float, rank_rows, ranked_auc
+from msit_rec.metrics_file import METRICS_FILE, ModelMetrics, load_metrics, metrics_path, read_scores
+from msit_rec.report import OVERALL, REPORT_OUTPUTS, write_report
+
+COMPARISON_FILE = "comparison.json"
+COMPARISON_VERSION = 1
+
+
+@dataclass
+class AucDifference:
+    """AUC of a model minus the reference's on one slice, with its paired bootstrap interval."""
+
+    reference_auc: float | None
+    model_auc: float | None
+    difference: float | None  # None where either AUC is undefined
+    ci_low: float | None
+    ci_high: float | None
+    valid_resamples: int  # resamples where both AUCs are defined (a tiny scenario may miss a class)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.ci_low is not None and self.ci_high is not None and (self.ci_low > 0 or self.ci_high < 0)
+
+
+@dataclass
+class Comparison:
+    version: int
+    reference: str
+    resamples: int
+    level: float
+    seed: int
+    differences: dict[str, dict[str, AucDifference]]  # model → slice (scenarios, overall) → difference
+
+
+class _Rankings:
+    """One model's sorts, reused by every resample: by (scenario, score) and by score."""
+
+    def __init__(self, score: torch.Tensor, label: torch.Tensor, scenario: torch.Tensor, num_scenarios: int) -> None:
+        self.per_scenario: RankedRows = rank_rows(score, label, scenario)
+        self.overall: RankedRows = rank_rows(score, label)
+        self.slot = scenario.index_select(0, self.per_scenario.group_first_row)  # [G] scenario of each group
+        self.num_scenarios = num_scenarios
+
+    def aucs(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, S + 1] AUC per scenario then overall (NaN: undefined), for weights [R, N] (None: every row once)."""
+        per_group = ranked_auc(self.per_scenario, weights).reshape(-1, self.per_scenario.num_groups)  # [R, G]
+        result = torch.full(
+            (per_group.shape[0], self.num_scenarios + 1), torch.nan, dtype=torch.float64, device=per_group.device
+        )
+        result[:, self.slot] = per_group
+        result[:, -1] = ranked_auc(self.overall, weights).reshape(-1)
+        return result
+
+
+class StratifiedResampler:
+    """Bootstrap resamples as row counts: each resample draws, within every stratum (scenario), as many rows as the
+    stratum has, uniformly with replacement."""
+
+    def __init__(self, strata: torch.Tensor, num_strata: int, seed: int) -> None:
+        device = strata.device
+        self.grouped = torch.argsort(strata, stable=True)  # [N] rows, strata blocks in id order
+        stratum = strata.index_select(0, self.grouped)  # [N] stratum of each grouped position
+        sizes = torch.bincount(strata, minlength=num_strata)  # [S]
+        self.block_start = (torch.cumsum(sizes, 0) - sizes).index_select(0, stratum)  # [N]
+        self.block_size = sizes.index_select(0, stratum).to(torch.float64)  # [N]
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(self, resamples: int) -> torch.Tensor:
+        """[resamples, N] int64 counts: how often each row is in each resample. Draw k of a stratum lands on a
+        uniform position of the stratum's block (float64 uniforms: unbiased for blocks far beyond 2^24 rows)."""
+        n = self.grouped.shape[0]
+        device = self.grouped.device
+        uniform = torch.rand(resamples, n, dtype=torch.float64, generator=self.generator, device=device)
+        offset = torch.minimum(torch.floor(uniform * self.block_size), self.block_size - 1).to(torch.int64)  # [r, N]
+        picked = self.grouped[self.block_start + offset]  # [r, N] rows drawn, one resample per line
+        line = torch.arange(resamples, device=device).unsqueeze(1) * n  # [r, 1]
+        return torch.bincount((picked + line).reshape(-1), minlength=resamples * n).reshape(resamples, n)
+
+
+def paired_bootstrap(
+    label: torch.Tensor,
+    scenario: torch.Tensor,
+    scores: dict[str, torch.Tensor],
+    scenario_names: list[str],
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    chunk_elements: int = 1 << 22,
+    progress: bool = False,
+) -> dict[str, dict[str, AucDifference]]:
+    """AUC differences of every model in `scores` to the first one, per scenario and overall, with CIs.
+
+    All tensors are [N] over the same rows; `scenario` in [0, len(scenario_names)).
+    """
+    if resamples < 1:
+        raise ConfigError(f"resamples must be >= 1, got {resamples}")
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
+    names = list(scores)
+    num = len(scenario_names)
+    n = label.shape[0]
+    device = label.device
+    strata = scenario.to(torch.int64)
+    rankings = {name: _Rankings(score, label, strata, num) for name, score in scores.items()}
+    points = {name: r.aucs()[0] for name, r in rankings.items()}  # [S + 1] on every row once
+    resampler = StratifiedResampler(strata, num, seed)
+    chunk = max(1, chunk_elements // max(n, 1))
+    differences = {name: [] for name in names[1:]}
+    with tqdm(total=resamples, desc="bootstrap", unit="resample", disable=not progress) as bar:
+        for first in range(0, resamples, chunk):
+            r = min(chunk, resamples - first)
+            weights = resampler.draw(r)  # [r, N]
+            reference = rankings[names[0]].aucs(weights)  # [r, S + 1]
+            for name in names[1:]:
+                differences[name].append(rankings[name].aucs(weights) - reference)
+            bar.update(r)
+    low_q, high_q = (1 - level) / 2, 1 - (1 - level) / 2
+    slices = [*scenario_names, OVERALL]
+    result: dict[str, dict[str, AucDifference]] = {}
+    for name in names[1:]:
+        resampled = torch.cat(differences[name])  # [R, S + 1]
+        valid = (~torch.isnan(resampled)).sum(0)  # [S + 1]
+        bounds = torch.nanquantile(resampled, torch.tensor([low_q, high_q], dtype=torch.float64, device=device), dim=0)
+        result[name] = {}
+        for k, slice_name in enumerate(slices):
+            ref, mine = optional_float(points[names[0]][k]), optional_float(points[name][k])
+            defined = ref is not None and mine is not None and int(valid[k]) > 0
+            result[name][slice_name] = AucDifference(
+                reference_auc=ref,
+                model_auc=mine,
+                difference=mine - ref if ref is not None and mine is not None else None,
+                ci_low=optional_float(bounds[0, k]) if defined else None,
+                ci_high=optional_float(bounds[1, k]) if defined else None,
+                valid_resamples=int(valid[k]),
+            )
+    return result
+
+
+def collect_models(inputs: list[str | Path]) -> tuple[dict[str, ModelMetrics], dict[str, Path | None]]:
+    """Every model of the given metrics files, names made unique (`name`, `name-2`, ...), and each one's scores file."""
+    models: dict[str, ModelMetrics] = {}
+    score_files: dict[str, Path | None] = {}
+    for item in inputs:
+        path = metrics_path(item)
+        saved = load_metrics(path)
+        for name, model in saved.models.items():
+            unique, k = name, 1
+            while unique in models:
+                k += 1
+                unique = f"{name}-{k}"
+            models[unique] = model
+            score_files[unique] = path.parent / saved.scores_file if saved.scores_file else None
+    if len(models) < 2:
+        raise ConfigError(f"compare needs at least two models; {[str(i) for i in inputs]} hold {list(models)}")
+    pairs = {(m.dataset_hash, m.split) for m in models.values()}
+    if len(pairs) > 1:
+        found = {name: f"dataset {m.dataset_hash}, split {m.split}" for name, m in models.items()}
+        raise DataError(f"compare: the models were evaluated on different data, so rows cannot be paired: {found}")
+    return models, score_files
+
+
+def load_paired_scores(
+    models: dict[str, ModelMetrics], score_files: dict[str, Path | None]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(label, scenario, {model: scores}) on the same rows, checking that every file holds the same rows."""
+    label = scenario = row_index = None
+    scores: dict[str, torch.Tensor] = {}
+    for name, model in models.items():
+        path = score_files[name]
+        if path is None:
+            raise DataError(f"model {name}: its metrics.json names no scores file, so it cannot be paired")
+        data = read_scores(path, [model.scores_column])
+        if row_index is None:
+            row_index, label, scenario = data["row_index"], data["label"], data["scenario"]
+        elif not (
+            torch.equal(data["row_index"], row_index) and torch.equal(data["label"], label)
+            and torch.equal(data["scenario"], scenario)
+        ):
+            raise DataError(f"{path}: its rows (row_index, label, scenario) differ from the first model's")
+        scores[name] = data[model.scores_column]
+    return label, scenario, scores
+
+
+def difference_table(comparison: Comparison) -> str:
+    """Markdown: rows = scenarios + overall; a column of the reference AUC, then ΔAUC [CI] per model."""
+    names = list(comparison.differences)
+    header = ["scenario", f"AUC ({comparison.reference})"] + [f"ΔAUC {name} − {comparison.reference}" for name in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    slices = list(comparison.differences[names[0]])
+    for slice_name in slices:
+        first = comparison.differences[names[0]][slice_name]
+        cells = [slice_name, "n/a" if first.reference_auc is None else f"{first.reference_auc:.4f}"]
+        for name in names:
+            d = comparison.differences[name][slice_name]
+            if d.difference is None:
+                cells.append("n/a")
+                continue
+            interval = "" if d.ci_low is None else f" [{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
+            cells.append(f"{d.difference:+.4f}{interval}{' *' if d.excludes_zero else ''}")
+        lines.append("| " + " | ".join(cells) + " |")
+    legend = (
+        f"{comparison.level:.0%} paired bootstrap intervals over {comparison.resamples} resamples of the test rows "
+        f"(drawn within each scenario; seed {comparison.seed}). * = the interval excludes 0: the difference is "
+        "unlikely to be resampling noise."
+    )
+    return "## AUC difference to the reference\n\n" + "\n".join(lines) + "\n\n" + legend
+
+
+def compare(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Comparison, list[Path]]:
+    """Report (table, plots) of every model in `inputs` and, from their scores, the AUC differences to the first."""
+    models, score_files = collect_models(inputs)
+    out_dir = Path(out_dir)
+    outputs = (COMPARISON_FILE, *REPORT_OUTPUTS)
+    existing = [name for name in (*outputs, METRICS_FILE) if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"output directory {out_dir} already holds {existing}; pass --overwrite to replace them")
+    label, scenario, scores = load_paired_scores(models, score_files)
+    reference = next(iter(models.values()))
+    scenario_names = list(reference.scenarios)
+    differences = paired_bootstrap(label, scenario, scores, scenario_names, resamples, level, seed, progress=progress)
+    comparison = Comparison(COMPARISON_VERSION, next(iter(models)), resamples, level, seed, differences)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / COMPARISON_FILE]
+    written[0].write_text(json.dumps(to_dict(comparison), indent=2) + "\n")
+    title = f"Comparison on split '{reference.split}' (dataset {reference.dataset_hash[:12]})"
+    written += write_report(
+        {name: m.metrics for name, m in models.items()}, out_dir, title, sections=[difference_table(comparison)]
+    )
+    return comparison, written

@@ -1,0 +1,255 @@
+"""`msit-rec evaluate`: score trained checkpoints on a split and write metrics.json, scores.parquet and the report.
+
+Evaluation runs in one process on the default device: the sharded checkpoint is loaded unsharded into a plain
+RankingModel, so every row is scored by one process and the metrics are exact by construction. Under N processes
+(e.g. at the end of a distributed job), each rank scores its keep-all share with `score_rows` and
+`msit_rec.metrics.gather_scored_rows` collects the rows before the metrics: the numbers are identical.
+
+Before anything is scored, the run is checked against the data: the dataset's content hash must be the one the
+run was trained on, and the checkpoint's tensors must match (names and shapes) the model `dataset.json` builds.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from tqdm.auto import tqdm
+
+from msit_rec.config import from_dict, read_yaml
+from msit_rec.data.batch import Batch
+from msit_rec.data.loader import ExamplesDataset, make_loader
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.errors import ConfigError, DataError
+from msit_rec.metrics import ScoredRows, compute_metrics
+from msit_rec.metrics_file import (
+    METRICS_FILE,
+    METRICS_VERSION,
+    SCORES_FILE,
+    MetricsFile,
+    ModelMetrics,
+    save_metrics,
+    score_column,
+    write_scores,
+)
+from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.report import REPORT_OUTPUTS, write_report
+from msit_rec.train.checkpoint import check_checkpoint_dir, load_unsharded_state_dict
+
+FIT_CONFIG_FILE = "fit_config.yaml"
+# Scored rows live in host memory whatever device scores them: the metrics need ~200 bytes per row (more than an
+# accelerator holds for tens of millions of rows) and CPU sums are deterministic (CUDA scatter-adds are not).
+HOST = torch.device("cpu")
+NAMED_CHECKPOINTS = ("best", "last")
+MODULE_PREFIX = "model."  # the LightningModule holds the RankingModel as `model`
+
+
+@dataclass
+class TrainedRun:
+    """What `msit-rec fit` recorded about a run (RUN/fit_config.yaml)."""
+
+    run_dir: Path
+    data_dir: Path
+    dataset_hash: str
+    model: ModelConfig
+
+
+def read_run(run_dir: str | Path) -> TrainedRun:
+    run_dir = Path(run_dir)
+    path = run_dir / FIT_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {FIT_CONFIG_FILE}; give the --out directory of `msit-rec fit`")
+    raw = read_yaml(path)
+    missing = [key for key in ("data", "dataset_hash", "model") if key not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {missing}")
+    return TrainedRun(
+        run_dir=run_dir,
+        data_dir=Path(str(raw["data"])),
+        dataset_hash=str(raw["dataset_hash"]),
+        model=from_dict(ModelConfig, raw["model"], f"{path}: model"),
+    )
+
+
+def resolve_checkpoint(run: TrainedRun, checkpoint: str) -> Path:
+    """`best`/`last` → RUN/checkpoints/{best,last}.ckpt; anything else is a checkpoint directory path."""
+    path = run.run_dir / "checkpoints" / f"{checkpoint}.ckpt" if checkpoint in NAMED_CHECKPOINTS else Path(checkpoint)
+    if not path.is_dir():
+        raise DataError(f"checkpoint {path} (run {run.run_dir}, --checkpoint {checkpoint}): no such directory")
+    return check_checkpoint_dir(path)
+
+
+def check_dataset(run: TrainedRun, meta: DatasetMeta, data_dir: Path) -> None:
+    if meta.content_hash != run.dataset_hash:
+        raise DataError(
+            f"{data_dir / 'dataset.json'} has content_hash {meta.content_hash!r}, but {run.run_dir / FIT_CONFIG_FILE} "
+            f"was trained on dataset_hash {run.dataset_hash!r}: evaluate on the dataset the run was trained on"
+        )
+
+
+def load_model(run: TrainedRun, checkpoint: Path, meta: DatasetMeta, device: torch.device) -> RankingModel:
+    """A plain (unsharded) RankingModel on `device` with the checkpoint's weights, in eval mode."""
+    try:
+        saved = load_unsharded_state_dict(checkpoint)
+    except CheckpointException as exc:  # DCP wraps the per-rank causes (a BaseException, not an Exception)
+        causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
+        raise DataError(f"checkpoint {checkpoint}: unreadable ({causes})") from None
+    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+        raise DataError(f"checkpoint {checkpoint}: unreadable ({type(exc).__name__}: {exc})") from None
+    state = {key.removeprefix(MODULE_PREFIX): value for key, value in saved.items() if key.startswith(MODULE_PREFIX)}
+    model = RankingModel(meta, run.model, device=device)
+    _check_state_matches(state, model.state_dict(), checkpoint)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _check_state_matches(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [
+        f"{key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in saved and saved[key].shape != value.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            f"shape mismatch {shapes[:5]}" if shapes else "",
+        ]
+        raise DataError(
+            f"checkpoint {checkpoint} does not fit the model built from dataset.json and its run's model config: "
+            + "; ".join(p for p in parts if p)
+        )
+
+
+def score_rows(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, total: int | None = None, desc: str = "score",
+    progress: bool = True,
+) -> ScoredRows:
+    """Predicted click probabilities of the real rows of `batches` (padding rows dropped), in host memory."""
+    parts = []
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+            batch = batch.to(device)
+            logits = model(batch)  # [B]
+            rows = ScoredRows(
+                row_index=batch.row_index,
+                score=torch.sigmoid(logits.to(torch.float64)),
+                label=batch.label,
+                scenario=batch.scenario.to(torch.int32),
+                user_id=batch.user_id,
+            )
+            parts.append(rows.select(batch.weight > 0).to(HOST))
+    if not parts:
+        raise DataError("no batches to score: the split is empty")
+    return ScoredRows.concat(parts)
+
+
+def default_device() -> torch.device:
+    """The host's accelerator when it has one (CUDA, ...), else the CPU."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return accelerator if accelerator is not None else HOST
+
+
+@dataclass
+class Evaluation:
+    metrics: MetricsFile
+    rows: ScoredRows  # canonical order; the score of the first model
+    scores: dict[str, torch.Tensor]  # model name → scores aligned with `rows`
+
+
+def evaluate_runs(
+    runs: list[str | Path],
+    checkpoint: str = "best",
+    split: str = "test",
+    data_dir: str | Path | None = None,
+    batch_size: int = 8192,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Score every run's checkpoint on the same split of the same dataset (rows paired across models).
+
+    `checkpoint`: `best`, `last`, or a checkpoint directory (then only one run). `data_dir`: the examples to
+    evaluate on (default: the first run's training data); every run must have been trained on that dataset.
+    """
+    if not runs:
+        raise ConfigError("evaluate: give at least one run directory")
+    if checkpoint not in NAMED_CHECKPOINTS and len(runs) > 1:
+        raise ConfigError(f"--checkpoint {checkpoint}: a checkpoint path needs exactly one --run (got {len(runs)})")
+    device = device if device is not None else default_device()
+    trained = [read_run(run) for run in runs]
+    data_dir = Path(data_dir) if data_dir is not None else trained[0].data_dir
+    meta = DatasetMeta.load(data_dir)
+    checkpoints = []
+    for run in trained:
+        check_dataset(run, meta, data_dir)
+        checkpoints.append(resolve_checkpoint(run, checkpoint))
+    dataset = ExamplesDataset(data_dir, split, batch_size)
+    names = model_names([run.run_dir for run in trained])
+    models: dict[str, ModelMetrics] = {}
+    scores: dict[str, torch.Tensor] = {}
+    rows = None
+    for name, run, ckpt in zip(names, trained, checkpoints):
+        model = load_model(run, ckpt, meta, device)
+        scored = score_rows(model, make_loader(dataset), device, len(dataset), f"score {name}", progress).canonical()
+        del model
+        rows = scored if rows is None else rows
+        split_metrics = compute_metrics(scored, meta.scenarios)
+        models[name] = ModelMetrics(
+            checkpoint=str(ckpt),
+            dataset_hash=meta.content_hash,
+            split=split,
+            scores_column=score_column(name),
+            scenarios=split_metrics.scenarios,
+            overall=split_metrics.overall,
+        )
+        scores[name] = scored.score
+    metrics = MetricsFile(version=METRICS_VERSION, models=models, scores_file=SCORES_FILE)
+    return Evaluation(metrics=metrics, rows=rows, scores=scores)
+
+
+def model_names(run_dirs: list[Path]) -> list[str]:
+    """Run directory names, made unique with a numeric suffix (runs/a/msit and runs/b/msit → msit, msit-2)."""
+    names: list[str] = []
+    for run_dir in run_dirs:
+        base = run_dir.resolve().name
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
+        names.append(name)
+    return names
+
+
+OUTPUT_FILES = (METRICS_FILE, SCORES_FILE, *REPORT_OUTPUTS)
+
+
+def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create `out_dir`; refuse to replace earlier results in it unless `overwrite` (other files are left alone)."""
+    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"output directory {out_dir} already holds {existing}; pass --overwrite to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """metrics.json, scores.parquet, report.md and the plots; returns the paths written."""
+    out_dir = Path(out_dir)
+    claim_output_dir(out_dir, overwrite)
+    written = [save_metrics(evaluation.metrics, out_dir)]
+    write_scores(evaluation.rows, evaluation.scores, out_dir / SCORES_FILE)
+    written.append(out_dir / SCORES_FILE)
+    split_metrics = {name: model.metrics for name, model in evaluation.metrics.models.items()}
+    written += write_report(split_metrics, out_dir, title=_title(evaluation.metrics))
+    return written
+
+
+def _title(metrics: MetricsFile) -> str:
+    first = next(iter(metrics.models.values()))
+    return f"Evaluation on split '{first.split}' (dataset {first.dataset_hash[:12]})"
