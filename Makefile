@@ -28,10 +28,14 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/msit-rec generate --config configs/generate/demo.yaml --out $(DEMO_DIR)/raw --overwrite
 	$(BIN)/msit-rec prepare --config configs/datasets/synthetic.yaml --source $(DEMO_DIR)/raw --out $(DEMO_DIR)/examples --overwrite
-	rm -rf $(DEMO_DIR)/msit
+	rm -rf $(DEMO_DIR)/msit $(DEMO_DIR)/shared
 	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/msit.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/msit --set trainer.max_epochs=1 --quiet
-	@echo "demo outputs: raw logs in $(DEMO_DIR)/raw, examples + dataset.json in $(DEMO_DIR)/examples,"
-	@echo "  msit model trained on 2 processes: checkpoints in $(DEMO_DIR)/msit/checkpoints, logs in $(DEMO_DIR)/msit/logs"
+	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/shared.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/shared --set trainer.max_epochs=1 --quiet
+	$(BIN)/msit-rec evaluate --run $(DEMO_DIR)/msit --run $(DEMO_DIR)/shared --split test --out $(DEMO_DIR)/evaluation --overwrite --quiet
+	$(BIN)/msit-rec compare $(DEMO_DIR)/evaluation --out $(DEMO_DIR)/comparison --overwrite --quiet
+	@echo "demo outputs under $(DEMO_DIR): raw/ (logs), examples/ (dataset.json + shards),"
+	@echo "  msit/ and shared/ (2-process runs: checkpoints/, logs/), evaluation/ (metrics.json, report.md, *.png),"
+	@echo "  comparison/ (per-scenario AUC difference with bootstrap CIs)"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
