@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import types
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from msit_rec.errors import ConfigError
+from msit_rec.errors import ConfigError, DataError
 
 T = TypeVar("T")
 
@@ -72,6 +73,18 @@ def load_config(
         data = data[section]
         where = f"{path}:{section}"
     return from_dict(cls, data, where)
+
+
+def load_versioned_json(path: Path, cls: type[T], version_key: str, version: int) -> T:
+    """Load one of the project's JSON files (dataset.json, metrics.json) into `cls`, checking its format version."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    found = raw.get(version_key) if isinstance(raw, dict) else None
+    if found != version:
+        raise DataError(f"{path}: {version_key} {found!r}, this msit-rec reads version {version}")
+    return from_dict(cls, raw, str(path))
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:

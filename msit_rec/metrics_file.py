@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from msit_rec.config import from_dict, to_dict
+from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import DataError
 from msit_rec.metrics import ScoredRows, SliceMetrics, SplitMetrics
 
@@ -70,15 +70,7 @@ def metrics_path(path: str | Path) -> Path:
 
 
 def load_metrics(path: str | Path) -> MetricsFile:
-    path = metrics_path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    version = raw.get("version") if isinstance(raw, dict) else None
-    if version != METRICS_VERSION:
-        raise DataError(f"{path}: metrics version {version!r}, this msit-rec reads version {METRICS_VERSION}")
-    return from_dict(MetricsFile, raw, str(path))
+    return load_versioned_json(metrics_path(path), MetricsFile, "version", METRICS_VERSION)
 
 
 def write_scores(rows: ScoredRows, scores: dict[str, torch.Tensor], path: Path) -> None:

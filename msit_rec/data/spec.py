@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from msit_rec.config import from_dict, to_dict
+from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import ConfigError, DataError
 
 CONTRACT_VERSION = 1
@@ -135,11 +135,4 @@ class DatasetMeta:
             path = path / "dataset.json"
         if not path.is_file():
             raise DataError(f"{path}: no dataset.json here; run `msit-rec prepare` first")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from None
-        version = raw.get("contract_version") if isinstance(raw, dict) else None
-        if version != CONTRACT_VERSION:
-            raise DataError(f"{path}: contract_version {version!r}, this msit-rec reads version {CONTRACT_VERSION}")
-        return from_dict(cls, raw, str(path))
+        return load_versioned_json(path, cls, "contract_version", CONTRACT_VERSION)
