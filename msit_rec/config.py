@@ -75,7 +75,7 @@ def load_config(
     return from_dict(cls, data, where)
 
 
-def load_versioned_json(path: Path, cls: type[T], version_key: str, version: int) -> T:
+def load_versioned_json(path: Path, cls: type[T], version_key: str, version: int, what: str) -> T:
     """Load one of the project's JSON files (dataset.json, metrics.json) into `cls`, checking its format version."""
     try:
         raw = json.loads(path.read_text())
@@ -83,7 +83,7 @@ def load_versioned_json(path: Path, cls: type[T], version_key: str, version: int
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     found = raw.get(version_key) if isinstance(raw, dict) else None
     if found != version:
-        raise DataError(f"{path}: {version_key} {found!r}, this msit-rec reads version {version}")
+        raise DataError(f"{path}: {what} version {found!r} ('{version_key}'), this msit-rec reads version {version}")
     return from_dict(cls, raw, str(path))
 
 

@@ -70,7 +70,7 @@ def metrics_path(path: str | Path) -> Path:
 
 
 def load_metrics(path: str | Path) -> MetricsFile:
-    return load_versioned_json(metrics_path(path), MetricsFile, "version", METRICS_VERSION)
+    return load_versioned_json(metrics_path(path), MetricsFile, "version", METRICS_VERSION, "metrics")
 
 
 def write_scores(rows: ScoredRows, scores: dict[str, torch.Tensor], path: Path) -> None:

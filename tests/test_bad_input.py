@@ -115,3 +115,11 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "msit-rec prepare: error:" in result.stderr and "unknown key(s) ['colums']" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dataset_json_of_another_contract_version_named(tmp_path: Path) -> None:
+    from msit_rec.data.spec import DatasetMeta
+
+    (tmp_path / "dataset.json").write_text('{"contract_version": 7}')
+    with pytest.raises(DataError, match=r"dataset.json: data contract version 7 \('contract_version'\), this msit-rec"):
+        DatasetMeta.load(tmp_path)

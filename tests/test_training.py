@@ -158,12 +158,6 @@ def test_two_process_checkpoint_loads_into_one_process_and_a_plain_model(
     torch.testing.assert_close(plain_logits(config, small_examples, ckpt), trained, rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (strategy/ModelCheckpoint, 2 processes): after a 2-epoch fit on 2 processes, checkpoints/last.ckpt "
-    "holds epoch 0 (global_step 8 of 16) and its dense weights differ from both ranks' final ones; in 1 process "
-    "last.ckpt is the final state",
-)
 def test_two_process_last_checkpoint_is_the_final_state(two_process_run: Path) -> None:
     last = two_process_run / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last / "trainer_state.pt", weights_only=False)["global_step"] == EPOCHS * STEPS_PER_EPOCH

@@ -135,4 +135,4 @@ class DatasetMeta:
             path = path / "dataset.json"
         if not path.is_file():
             raise DataError(f"{path}: no dataset.json here; run `msit-rec prepare` first")
-        return load_versioned_json(path, cls, "contract_version", CONTRACT_VERSION)
+        return load_versioned_json(path, cls, "contract_version", CONTRACT_VERSION, "data contract")

@@ -38,7 +38,8 @@ def save_sharded(tensors: dict[str, Any], trainer_state: dict[str, Any], ckpt_di
     """Write a checkpoint directory; collective: every rank must call it with its own shards."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    dcp.save(tensors, checkpoint_id=ckpt_dir)
+    # `last` is rewritten every epoch: overwrite explicitly (the implicit default is deprecated)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(ckpt_dir, overwrite=True))
     if is_rank_zero:
         torch.save(trainer_state, ckpt_dir / TRAINER_STATE_FILE)
 

@@ -95,9 +95,14 @@ def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: st
     (out_dir / "fit_config.yaml").write_text(
         yaml.safe_dump({"data": str(data_dir), "dataset_hash": meta.content_hash, **to_dict(config)}, sort_keys=False)
     )
-    checkpoints = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best", monitor="val/auc", mode="max", save_top_k=1, save_last=True,
+    best = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="best", monitor="val/auc", mode="max", save_top_k=1,
         enable_version_counter=False,
+    )
+    # Lightning's save_last rewrites `last` only in epochs where the monitored metric improved: keep the latest
+    # state with a checkpoint of its own (no monitor = the most recent epoch)
+    last = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
     )
     trainer = pl.Trainer(
         accelerator=t.accelerator,
@@ -118,15 +123,15 @@ def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: st
         enable_model_summary=False,
         default_root_dir=out_dir,
         logger=[CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tensorboard")],
-        callbacks=[checkpoints, EarlyStopping(monitor="val/auc", mode="max", patience=t.early_stopping_patience)],
+        callbacks=[best, last, EarlyStopping(monitor="val/auc", mode="max", patience=t.early_stopping_patience)],
     )
     module = RankingModule(meta, config.model, t.optim)
     data = ExamplesDataModule(data_dir, t.batch_size, t.eval_batch_size, t.num_workers, t.seed)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
-    best_score = checkpoints.best_model_score
+    best_score = best.best_model_score
     result = FitResult(
-        best_checkpoint=str(checkpoints.best_model_path),
-        last_checkpoint=str(checkpoints.last_model_path),
+        best_checkpoint=str(best.best_model_path),
+        last_checkpoint=str(last.best_model_path),
         best_val_auc=float(best_score) if best_score is not None else None,
         log_dir=str(out_dir / "logs"),
         global_rank=trainer.global_rank,
