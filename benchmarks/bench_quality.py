@@ -1,0 +1,482 @@
+"""Quality of every model variant, scenario by scenario, under one training budget (issue 4).
+
+Trains `shared`, `din`, `din_sid`, `star`, `pepnet` and `msit` with the same budget (small tower, fixed number of
+epochs, same optimisers and batch size; the checkpoint kept is the best on the validation split) and several seeds
+(`trainer.seed`: initialisation and data order; the data stay fixed) on:
+- (a) `transfer`: a generated world with planted cross-scenario transfer. Every scenario is lifted by recent clicks
+  from one *other* scenario (TRANSFER_MATRIX), so what a behaviour says depends on where it happened and where the
+  impression is: the signal the scenario gate of `msit` is built for. Static interest is weak.
+- (b) `movielens`: ml-latest-small from ../shared/data (scenario = group of the movie's first genre, click =
+  rating >= 4, time split; configs/datasets/movielens.yaml). Skipped, with a message, when the folder is absent.
+
+Each fit runs in this process on one device (`msit_rec.train.fit.fit`, devices=1); each seed's six runs are then
+scored on the test split in-process (`msit_rec.evaluate.evaluate_runs`: exact per-scenario AUC, GAUC, logloss),
+and the per-seed evaluation (metrics.json, report.md, plots) is kept under OUT/runs/DATASET/seedK/evaluation.
+Outputs in OUT: quality.md (per dataset and metric: rows = scenarios + overall, columns = variants, mean ± std
+over seeds, best mean bold, and the verdict: is `msit` best on every scenario of (a) and on the smallest scenario
+of (b)), quality.json (every number, per seed too), quality_auc.png (mean test AUC per scenario and variant,
+error bars = std over seeds).
+
+    python benchmarks/bench_quality.py [--quick] [--out benchmarks/results/quality] [--seeds N] [--epochs N]
+                                       [--datasets transfer,movielens]
+
+`--quick`: 1 seed, 1 epoch of 60 batches, a smaller generated world: a smoke test of a few minutes on 2 cores. The expected
+runtime is printed before training starts (quick mode also extrapolates the full run from its measured speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
+    sys.path.insert(0, str(REPO))
+
+from matplotlib.figure import Figure
+
+from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.metrics import SliceMetrics, SplitMetrics
+from msit_rec.report import slices
+
+VARIANTS = ("shared", "din", "din_sid", "star", "pepnet", "msit")
+CANDIDATE = "msit"
+METRICS = ("auc", "gauc", "logloss")  # logloss: lower is better
+METRIC_TITLES = {"auc": "AUC", "gauc": "GAUC", "logloss": "logloss"}
+MOVIELENS_DIR = REPO.parent / "shared" / "data" / "ml-latest-small"
+
+SCENARIOS = ("home", "search", "detail", "channel", "new")
+# transfer_matrix[s][t]: lift of scenario s's impressions by recent clicks in scenario t (order of SCENARIOS)
+TRANSFER_MATRIX = [
+    [0, 0, 1, 0, 0],  # home    ← detail
+    [1, 0, 0, 0, 0],  # search  ← home
+    [0, 1, 0, 0, 0],  # detail  ← search
+    [1, 0, 0, 0, 0],  # channel ← home
+    [0, 1, 0, 0, 0],  # new     ← search
+]
+TRANSFER_WORLD = {  # overrides of configs/generate/tiny.yaml (the idea of TRANSFER_WORLD in tests/test_training.py)
+    "users": 6000, "items": 1500, "categories": 10, "days": 14, "impressions_per_user_day": 8.0,
+    "scenarios": list(SCENARIOS), "scenario_shares": [0.4, 0.25, 0.15, 0.12, 0.08],
+    "scenario_ctr": [0.05, 0.07, 0.06, 0.05, 0.08], "interest_exposure": [0.25, 0.6, 0.45, 0.3, 0.6],
+    "transfer_strength": 3.0, "transfer_half_life_hours": 168.0, "transfer_memory": 16,
+    "interest_sharing": 1.0, "interest_strength": 0.5, "transfer_matrix": TRANSFER_MATRIX,
+}
+QUICK_WORLD = {**TRANSFER_WORLD, "users": 1500}
+TRANSFER_PREPARE = ["history.max_len=20", "split.valid_fraction=0.1", "split.test_fraction=0.2"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every variant gets: the same for all of them, by construction."""
+
+    seeds: int
+    epochs: int
+    train_batches: int | None = None  # batches per epoch (None: all): how --quick trains on fewer rows
+    batch_size: int = 512
+    dense_lr: float = 0.003
+    tower: tuple[int, ...] = (128, 64)
+
+    def overrides(self, variant: str, seed: int) -> list[str]:
+        return [
+            f"model.variant={variant}",
+            f"model.tower_hidden={list(self.tower)}",
+            f"trainer.max_epochs={self.epochs}",
+            f"trainer.early_stopping_patience={self.epochs}",  # never stops early: a fixed number of epochs
+            f"trainer.batch_size={self.batch_size}",
+            f"trainer.limit_train_batches={self.train_batches or 1.0}",
+            "trainer.eval_batch_size=8192",
+            "trainer.devices=1",
+            f"trainer.seed={seed}",
+            f"trainer.optim.dense_lr={self.dense_lr}",
+            "trainer.log_every_n_steps=50",
+            "trainer.progress_bar=false",
+        ]
+
+
+    def rows_per_fit(self, train_rows: int) -> int:
+        """Training rows one fit goes through (all epochs)."""
+        per_epoch = train_rows if self.train_batches is None else min(train_rows, self.train_batches * self.batch_size)
+        return per_epoch * self.epochs
+
+
+FULL = Budget(seeds=3, epochs=3)
+QUICK = Budget(seeds=1, epochs=1, train_batches=60)
+# Runtime model for the estimate printed before training, from --quick runs on the idle 2-core dev machine
+# (≈ 21k training rows/s on `transfer` (L=20), ≈ 9.5k on MovieLens (L=50), batch 512, validation included):
+# seconds per fit = FIT_OVERHEAD_S + training rows of the fit / TRAIN_ROWS_PER_S. A busy machine is slower:
+# with a concurrent test run, single fits took 3-30x longer.
+FIT_OVERHEAD_S = 2.0
+TRAIN_ROWS_PER_S = 12_000.0
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+
+def prepare_transfer(root: Path, quick: bool) -> Path:
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+    from pipelines.synthetic import generate
+    from pipelines.synthetic_config import GeneratorConfig
+
+    world = QUICK_WORLD if quick else TRANSFER_WORLD
+    settings = [f"{key}={json.dumps(value)}" for key, value in world.items()]
+    generate(load_config(REPO / "configs/generate/tiny.yaml", GeneratorConfig, "generate", settings),
+             root / "raw", progress=False, overwrite=True)
+    config = load_config(REPO / "configs/datasets/synthetic.yaml", DatasetConfig, "dataset",
+                         [f"source.path={root / 'raw'}", *TRANSFER_PREPARE])
+    prepare(config, root / "examples", overwrite=True)
+    return root / "examples"
+
+
+def prepare_movielens(root: Path) -> Path:
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+
+    config = load_config(REPO / "configs/datasets/movielens.yaml", DatasetConfig, "dataset",
+                         [f"source.path={MOVIELENS_DIR}"])
+    prepare(config, root / "examples", overwrite=True)
+    return root / "examples"
+
+
+def smallest_scenario(meta: DatasetMeta) -> str:
+    """The scenario with the fewest training rows: where transfer from the others should help most."""
+    train = meta.splits["train"].scenarios
+    return min(train, key=lambda name: train[name].rows)
+
+
+# ---- training and evaluation -----------------------------------------------------------------------------------
+
+
+def fit_variant(data: Path, variant: str, seed: int, budget: Budget, run_dir: Path) -> float | None:
+    """Train one variant with the shared budget into `run_dir` (replaced); returns its best validation AUC."""
+    from msit_rec.train.fit import FitConfig, fit
+
+    sections = {
+        "model": read_yaml(REPO / f"configs/model/{variant}.yaml")["model"],
+        "trainer": read_yaml(REPO / "configs/trainer/cpu.yaml")["trainer"],
+    }
+    config = from_dict(FitConfig, apply_overrides(sections, budget.overrides(variant, seed)), "fit")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return fit(config, data, run_dir).best_val_auc
+
+
+def evaluate_seed(data: Path, run_dirs: list[Path], out_dir: Path) -> dict[str, SplitMetrics]:
+    """Test-split metrics of each run (paired rows), also written as a per-seed report; run dir name = variant."""
+    from msit_rec.evaluate import evaluate_runs, write_evaluation
+
+    evaluation = evaluate_runs(run_dirs, "best", "test", data_dir=data, progress=False)
+    write_evaluation(evaluation, out_dir, overwrite=True)
+    return {name: model.metrics for name, model in evaluation.metrics.models.items()}
+
+
+# ---- aggregation over seeds ------------------------------------------------------------------------------------
+
+
+def metric_value(metrics: SliceMetrics, metric: str) -> float | None:
+    return getattr(metrics, metric)
+
+
+def summarise(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample std over the seeds where the metric is defined (std None below two values)."""
+    defined = [v for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(defined) if defined else None,
+        "std": statistics.stdev(defined) if len(defined) > 1 else None,
+        "n": len(defined),
+        "values": values,
+    }
+
+
+def aggregate(per_seed: list[dict[str, SplitMetrics]]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """variant → slice (scenarios, overall) → metric → {mean, std, n, values}."""
+    result: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for variant in per_seed[0]:
+        seeds = [slices(seed[variant]) for seed in per_seed]
+        result[variant] = {
+            name: {metric: summarise([metric_value(s[name], metric) for s in seeds]) for metric in METRICS}
+            for name in seeds[0]
+        }
+    return result
+
+
+def best_variants(summary: dict, slice_name: str, metric: str) -> list[str]:
+    """Variants with the best mean on a slice (several on an exact tie)."""
+    means = {v: summary[v][slice_name][metric]["mean"] for v in summary}
+    means = {v: m for v, m in means.items() if m is not None}
+    if not means:
+        return []
+    sign = 1.0 if metric == "logloss" else -1.0
+    top = min(sign * m for m in means.values())
+    return [v for v, m in means.items() if sign * m == top]
+
+
+def candidate_margin(summary: dict, slice_name: str) -> dict[str, Any]:
+    """Mean test AUC of `msit` on a slice against the best other variant."""
+    means = {v: summary[v][slice_name]["auc"]["mean"] for v in summary}
+    others = {v: m for v, m in means.items() if v != CANDIDATE and m is not None}
+    runner_up = max(others, key=others.get) if others else None
+    mine = means.get(CANDIDATE)
+    margin = mine - others[runner_up] if mine is not None and runner_up is not None else None
+    return {
+        "scenario": slice_name,
+        "msit_auc": mine,
+        "msit_std": summary[CANDIDATE][slice_name]["auc"]["std"] if CANDIDATE in summary else None,
+        "best_other": runner_up,
+        "best_other_auc": others.get(runner_up) if runner_up else None,
+        "margin": margin,
+        "msit_best": margin is not None and margin > 0,
+    }
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------
+
+
+def mean_std_text(cell: dict[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return f"{cell['mean']:.4f}" + (f" ± {cell['std']:.4f}" if cell["std"] is not None else "")
+
+
+def dataset_section(name: str, result: dict[str, Any]) -> str:
+    summary, counts = result["metrics"], result["test_rows"]
+    variants = list(summary)
+    lines = [f"## {name}: {result['description']}", ""]
+    for metric in METRICS:
+        header = ["scenario", "test rows", "clicks", *variants]
+        lines += [f"### {METRIC_TITLES[metric]} (test split, mean ± std over {result['seeds']} seed(s))", "",
+                  "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for slice_name in counts:
+            best = set(best_variants(summary, slice_name, metric))
+            cells = [mean_std_text(summary[v][slice_name][metric]) for v in variants]
+            cells = [f"**{c}**" if v in best else c for v, c in zip(variants, cells)]
+            rows, clicks = counts[slice_name]
+            label = f"{slice_name} (smallest)" if slice_name == result["smallest_scenario"] else slice_name
+            lines.append("| " + " | ".join([label, f"{rows:,}", f"{clicks:,}", *cells]) + " |")
+        lines.append("")
+    lines += [result["verdict_text"], ""]
+    return "\n".join(lines)
+
+
+def verdict(name: str, summary: dict, scenarios: list[str], smallest: str) -> tuple[dict[str, Any], str]:
+    """(a): msit best on every scenario; (b): msit best on the smallest scenario. By mean test AUC."""
+    targets = scenarios if name == "transfer" else [smallest]
+    checks = [candidate_margin(summary, s) for s in targets]
+    passed = all(c["msit_best"] for c in checks)
+    goal = "every scenario" if name == "transfer" else f"the smallest scenario ({smallest})"
+    details = "; ".join(
+        f"{c['scenario']}: msit {c['msit_auc']:.4f} vs {c['best_other']} {c['best_other_auc']:.4f} "
+        f"({c['margin']:+.4f})" if c["margin"] is not None else f"{c['scenario']}: undefined"
+        for c in checks
+    )
+    text = f"**Goal: `msit` has the best mean test AUC on {goal} — {'MET' if passed else 'NOT MET'}.** {details}."
+    return {"goal": goal, "met": passed, "checks": checks}, text
+
+
+def plot_auc(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One panel per dataset: mean test AUC per scenario (and overall), one bar per variant, error bar = std."""
+    figure = Figure(figsize=(11, 4.2 * len(results)), layout="constrained")
+    axes = figure.subplots(len(results), 1, squeeze=False).ravel()
+    for ax, (name, result) in zip(axes, results.items()):
+        summary = result["metrics"]
+        rows = list(result["test_rows"])
+        width = 0.8 / len(summary)
+        with_spread = any(summary[v][r]["auc"]["std"] is not None for v in summary for r in rows)
+        means = [summary[v][r]["auc"]["mean"] for v in summary for r in rows]
+        defined = [m for m in means if m is not None]
+        for k, variant in enumerate(summary):
+            cells = [summary[variant][r]["auc"] for r in rows]
+            xs = [i + (k - (len(summary) - 1) / 2) * width for i in range(len(rows))]
+            ax.bar(xs, [c["mean"] if c["mean"] is not None else 0.0 for c in cells], width, label=variant,
+                   yerr=[c["std"] or 0.0 for c in cells] if with_spread else None, capsize=2)
+        ax.set_ylim(max(0.0, min(defined, default=0.5) - 0.03), min(1.0, max(defined, default=0.5) + 0.02))
+        ax.set_xticks(range(len(rows)), [f"{r}\n(smallest)" if r == result["smallest_scenario"] else r for r in rows])
+        ax.set_ylabel("test AUC")
+        ax.set_title(f"{name}: mean test AUC per scenario ({result['seeds']} seed(s); error bars = std)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8, ncols=len(summary))
+    figure.savefig(path, dpi=110)
+    return path
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+def train_rows(meta: DatasetMeta) -> int:
+    return meta.splits["train"].rows
+
+
+def estimate_seconds(rows: int, budget: Budget, variants: int) -> float:
+    return budget.seeds * variants * (FIT_OVERHEAD_S + budget.rows_per_fit(rows) / TRAIN_ROWS_PER_S)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def run_dataset(
+    name: str, data: Path, budget: Budget, out: Path, progress: dict[str, float]
+) -> dict[str, Any]:
+    meta = DatasetMeta.load(data)
+    per_seed: list[dict[str, SplitMetrics]] = []
+    fit_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    val_auc: dict[str, list[float | None]] = {v: [] for v in VARIANTS}
+    for seed in range(budget.seeds):
+        seed_dir = out / "runs" / name / f"seed{seed}"
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            val_auc[variant].append(fit_variant(data, variant, seed, budget, seed_dir / variant))
+            elapsed = time.perf_counter() - start
+            fit_seconds[variant].append(elapsed)
+            progress["done"] += 1
+            progress["fit_s"] += elapsed
+            eta = progress["fit_s"] / progress["done"] * (progress["total"] - progress["done"])
+            shown = val_auc[variant][-1]
+            print(f"[{name}] seed {seed} {variant:<8} fit {elapsed:6.1f} s, best valid AUC "
+                  f"{'n/a' if shown is None else f'{shown:.4f}'}  ({progress['done']:.0f}/{progress['total']:.0f} "
+                  f"fits, ETA ≈ {minutes(eta)} at this dataset's pace)", flush=True)
+        start = time.perf_counter()
+        per_seed.append(evaluate_seed(data, [seed_dir / v for v in VARIANTS], seed_dir / "evaluation"))
+        print(f"[{name}] seed {seed} evaluated on test in {time.perf_counter() - start:.1f} s "
+              f"(per-seed report: {seed_dir / 'evaluation' / 'report.md'})", flush=True)
+    summary = aggregate(per_seed)
+    first = slices(per_seed[0][VARIANTS[0]])
+    smallest = smallest_scenario(meta)
+    result: dict[str, Any] = {
+        "data": str(data),
+        "dataset_hash": meta.content_hash,
+        "seeds": budget.seeds,
+        "train_rows": train_rows(meta),
+        "train_rows_per_scenario": {s: st.rows for s, st in meta.splits["train"].scenarios.items()},
+        "test_rows": {s: (m.count, m.clicks) for s, m in first.items()},
+        "smallest_scenario": smallest,
+        "metrics": summary,
+        "best_valid_auc": val_auc,
+        "fit_seconds": fit_seconds,
+    }
+    result["verdict"], result["verdict_text"] = verdict(name, summary, meta.scenarios, smallest)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 epoch of 60 batches, a smaller world")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/quality", help="output directory")
+    parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3; --quick: 1)")
+    parser.add_argument("--epochs", type=int, help="training epochs per fit (default: 3; --quick: 1)")
+    parser.add_argument("--datasets", default="transfer,movielens", help="comma-separated: transfer, movielens")
+    args = parser.parse_args(argv)
+    unknown = set(args.datasets.split(",")) - {"transfer", "movielens"}
+    if unknown:
+        parser.error(f"--datasets: unknown {sorted(unknown)} (expected transfer, movielens)")
+    return args
+
+
+def quiet_libraries() -> None:
+    """Keep the output to this script's progress lines: no Lightning banners or per-fit warnings.
+
+    Lightning sets its loggers' levels when it is imported, so it is imported first."""
+    import lightning.pytorch  # noqa: F401
+
+    # every fit is one process: say so, or torchrec's planner warns on the root logger once per fit
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "torch", "torchrec", "pipelines", "msit_rec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", module="torch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    budget = replace(base, seeds=args.seeds or base.seeds, epochs=args.epochs or base.epochs)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    wanted = args.datasets.split(",")
+    started = time.perf_counter()
+    print(f"budget per fit: tower {list(budget.tower)}, {budget.epochs} epoch(s), batch {budget.batch_size}, "
+          f"dense lr {budget.dense_lr}, best-on-valid checkpoint; {budget.seeds} seed(s) × {len(VARIANTS)} variants",
+          flush=True)
+
+    datasets: dict[str, tuple[Path, str]] = {}
+    if "transfer" in wanted:
+        start = time.perf_counter()
+        data = prepare_transfer(out / "data" / "transfer", args.quick)
+        datasets["transfer"] = (data, "generated world, each scenario lifted by clicks from another scenario")
+        print(f"[transfer] generated and prepared in {time.perf_counter() - start:.1f} s: {data}", flush=True)
+    if "movielens" in wanted:
+        if not (MOVIELENS_DIR / "ratings.csv").is_file():
+            print(f"[movielens] SKIPPED: {MOVIELENS_DIR} (ratings.csv, movies.csv) is absent; "
+                  "place ml-latest-small there to run dataset (b)", flush=True)
+        else:
+            start = time.perf_counter()
+            data = prepare_movielens(out / "data" / "movielens")
+            datasets["movielens"] = (data, "MovieLens ml-latest-small, scenario = genre group, click = rating >= 4")
+            print(f"[movielens] prepared in {time.perf_counter() - start:.1f} s: {data}", flush=True)
+
+    if not datasets:
+        print("no dataset to run", file=sys.stderr)
+        return 1
+    rows = {name: train_rows(DatasetMeta.load(data)) for name, (data, _) in datasets.items()}
+    estimate = sum(estimate_seconds(r, budget, len(VARIANTS)) for r in rows.values())
+    print("expected training + evaluation time: " + ", ".join(
+        f"{name} {r:,} train rows ≈ {minutes(estimate_seconds(r, budget, len(VARIANTS)))}" for name, r in rows.items()
+    ) + f"; total ≈ {minutes(estimate)} (2 cores)", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, (data, description) in datasets.items():
+        progress = {"done": 0.0, "total": float(budget.seeds * len(VARIANTS)), "fit_s": 0.0}
+        results[name] = {"description": description, **run_dataset(name, data, budget, out, progress)}
+        print(f"[{name}] {results[name]['verdict_text']}", flush=True)
+
+    elapsed = time.perf_counter() - started
+    if args.quick:
+        full_rows = {name: r * (TRANSFER_WORLD["users"] / QUICK_WORLD["users"] if name == "transfer" else 1)
+                     for name, r in rows.items()}
+        pace = {  # measured seconds per training row, per-fit overhead (validation, scoring, set-up) included
+            name: sum(map(sum, res["fit_seconds"].values())) / (budget.rows_per_fit(rows[name]) * budget.seeds
+                                                                 * len(VARIANTS))
+            for name, res in results.items()
+        }
+        full_estimate = sum(
+            FULL.seeds * len(VARIANTS) * FULL.rows_per_fit(int(full_rows[name])) * pace[name] for name in results
+        )
+        print(f"full run ({FULL.seeds} seeds, {FULL.epochs} epochs, full world) extrapolated from this run's pace: "
+              f"≈ {minutes(full_estimate)} (rough: the per-fit overhead is counted as if it grew with the rows)",
+              flush=True)
+
+    plot = plot_auc(results, out / "quality_auc.png")
+    settings = {"budget": budget.__dict__ | {"tower": list(budget.tower)}, "variants": list(VARIANTS),
+                "quick": args.quick, "transfer_world": QUICK_WORLD if args.quick else TRANSFER_WORLD,
+                "transfer_prepare": TRANSFER_PREPARE, "runtime_s": round(elapsed, 1)}
+    (out / "quality.json").write_text(json.dumps({"settings": settings, "datasets": results}, indent=2) + "\n")
+    skipped = [d for d in wanted if d not in results]
+    lines = [
+        f"# Quality benchmark{' (--quick)' if args.quick else ''}: every variant, same budget, per scenario", "",
+        (f"Budget per fit: tower {list(budget.tower)}, {budget.epochs} epoch(s), batch {budget.batch_size}, "
+         f"dense lr {budget.dense_lr}, checkpoint = best validation AUC; {budget.seeds} seed(s). "
+         f"Bold: best mean. Runtime {minutes(elapsed)}."), "",
+        *(f"Dataset `{d}` skipped: {MOVIELENS_DIR} is absent." for d in skipped),
+        *(dataset_section(name, result) for name, result in results.items()),
+        f"![mean test AUC per scenario]({plot.name})", "",
+    ]
+    (out / "quality.md").write_text("\n".join(lines))
+    print("\n".join(dataset_section(name, result) for name, result in results.items()))
+    print(f"written: {out / 'quality.md'}, {out / 'quality.json'}, {plot} (runtime {minutes(elapsed)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
