@@ -185,22 +185,19 @@ class BatchEmbeddings(nn.Module):
             torch.cumsum(lengths, 0) - lengths
         )[element_example]
         history_slot = example_start[element_example] + 1 + element_rank  # [N] where each behaviour id goes
+        bags = positions[None, :] <= lengths[:, None]  # [B, L+1] non-empty bags: the target and real behaviours
         parts = []
         for slot in self.layout.slots:
             history = sequence_by_key[slot.sequence].values()  # [N]
-            has_target = slot.target is not None
-            target_ids = sparse_by_key[slot.target].values() if has_target else history.new_zeros(batch)
-            values = history.new_empty(batch + history.numel())
-            values[example_start] = target_ids
-            values[history_slot] = history
-            bag_lengths = (positions[None, :] <= lengths[:, None]).to(torch.int32)  # [B, L+1]
-            if not has_target:  # no target feature on this table: its target bag is empty (zeros)
-                bag_lengths[:, 0] = 0
-                keep = torch.ones_like(values, dtype=torch.bool)
-                keep[example_start] = False
-                values = values[keep]
+            if slot.target is None:  # no target feature on this table: its target bag stays empty (a zero row)
+                values, bag_lengths = history, bags & (positions[None, :] > 0)
+            else:
+                values = history.new_empty(batch + history.numel())
+                values[example_start] = sparse_by_key[slot.target].values()
+                values[history_slot] = history
+                bag_lengths = bags
             parts.append(KeyedJaggedTensor(
-                keys=[f"{slot.sequence}@position"], values=values, lengths=bag_lengths.reshape(-1),
+                keys=[f"{slot.sequence}@position"], values=values, lengths=bag_lengths.to(torch.int32).reshape(-1),
                 stride=batch * (length + 1),
             ))
         rows = self.sequences(KeyedJaggedTensor.concat(parts)).values().reshape(batch, length + 1, -1)
