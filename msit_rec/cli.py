@@ -116,8 +116,7 @@ def run_prepare(args: argparse.Namespace) -> None:
 def run_fit(args: argparse.Namespace) -> None:
     from msit_rec.train.fit import FitConfig, fit
 
-    sections = {"model": read_yaml(args.model), "trainer": read_yaml(args.trainer)}
-    data = {name: _section(content, name, path) for (name, content), path in zip(sections.items(), (args.model, args.trainer))}
+    data = {name: _section(read_yaml(path), name, path) for name, path in (("model", args.model), ("trainer", args.trainer))}
     config = from_dict(FitConfig, apply_overrides(data, args.overrides), "fit")
     if args.quiet:
         config.trainer.progress_bar = False

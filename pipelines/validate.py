@@ -130,12 +130,12 @@ class TaggedLog:
     scenarios: list[str]
 
 
-def discover_scenarios(lf: pl.LazyFrame, config: DatasetConfig, dtype: pl.DataType) -> list[str]:
+def discover_scenarios(lf: pl.LazyFrame, config: DatasetConfig) -> list[str]:
     """Scenario names in a stable order: as declared, else sorted (numerically when the raw values are numbers)."""
     if config.scenarios is not None:
         return list(config.scenarios)
     values = lf.select(pl.col(config.columns.scenario).drop_nulls().unique().sort()).collect(engine="streaming")
-    return [str(v) for v in values.to_series().to_list()] if len(values) else []
+    return [str(v) for v in values.to_series().to_list()]
 
 
 def tag_rows(lf: pl.LazyFrame, config: DatasetConfig, source: str) -> TaggedLog:
@@ -143,7 +143,7 @@ def tag_rows(lf: pl.LazyFrame, config: DatasetConfig, source: str) -> TaggedLog:
     schema = lf.collect_schema()
     check_schema(schema, config, source)
     c = config.columns
-    scenarios = discover_scenarios(lf, config, schema[c.scenario])
+    scenarios = discover_scenarios(lf, config)
     if not scenarios:
         raise DataError(f"{source}: column '{c.scenario}' has no non-null scenario values")
     ts = _ts_seconds(config, schema[c.ts])
