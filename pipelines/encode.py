@@ -7,28 +7,18 @@ Index 0 is padding and 1 is out-of-vocabulary (unseen, rare or null).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
 
+from msit_rec.data.encoding import hash_bucket
 from msit_rec.data.spec import FIRST_VOCAB_INDEX, OOV_INDEX
 from pipelines.config import CategoricalFeature
 
 RAW = "raw"
 INDEX = "index"
 COUNT = "count"
-
-
-def stable_hash64(text: str) -> int:
-    """64-bit BLAKE2b of the UTF-8 text as a signed int64: the same in every process, version and language."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-def hash_bucket(text: str, buckets: int) -> int:
-    """Encoded index of a raw value under `encoding: hash` (serving reuses this to map raw ids)."""
-    return FIRST_VOCAB_INDEX + stable_hash64(text) % buckets  # Python's % is never negative for buckets > 0
 
 
 def distinct_text_map(values: pl.Series, fn: Callable[[str], int]) -> pl.DataFrame:

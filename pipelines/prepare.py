@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from msit_rec.config import to_dict
+from msit_rec.data.encoding import stable_hash64
 from msit_rec.data.spec import (
     CONTRACT_VERSION,
     OOV_INDEX,
@@ -36,7 +37,7 @@ from msit_rec.data.spec import (
 )
 from msit_rec.errors import DataError
 from pipelines.config import DatasetConfig
-from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder, stable_hash64
+from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder
 from pipelines.history import HIST_HI, HIST_LO, HistoryEvents, index_histories, precomputed_lists
 from pipelines.source import read_source
 from pipelines.split import SPLIT, assign_splits

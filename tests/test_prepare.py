@@ -9,8 +9,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from msit_rec.data.encoding import hash_bucket
 from msit_rec.data.spec import OOV_INDEX, DatasetMeta
-from pipelines.encode import hash_bucket
 from pipelines.prepare import prepare
 from tests.raw_logs import dataset_config, read_split, write_log
 

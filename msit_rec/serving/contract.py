@@ -1,0 +1,114 @@
+"""The artifact contract between `msit-rec export` (writer) and the serving runtime (reader).
+
+An artifact is a directory:
+
+    manifest.json        Manifest below (versions, input schema, table precisions, file hashes, parity)
+    program.pt2          torch.export program of the serving model (dynamic batch dimension) — portable
+    program_aoti.pt2     optional AOTInductor package of the same program — fast, tied to this torch build
+    dataset.json         the DatasetMeta the model was trained on (feature spec, scenarios, numeric stats)
+    vocab/*.parquet      the vocabularies dataset.json names (columns raw, index, count)
+
+The program takes plain tensors, positionally in `INPUT_NAMES` order, and returns logits float32 [B]:
+
+    sparse    int64   [B, Fs]     encoded ids of `inputs.sparse` (dataset.json's sparse features, in that order)
+    history   int64   [B, H, L]   encoded behaviour ids of `inputs.sequence` (hist_item, hist_cat, hist_scenario...),
+                                  oldest first, left-aligned: positions ≥ hist_len hold PADDING_INDEX (0)
+    hist_len  int64   [B]         real behaviours per row, in [0, L]
+    scenario  int64   [B]         served scenario id, in [0, S)
+    dense     float32 [B, Fd]     `inputs.dense` normalised as prepare does: (x − mean) / std, null → 0
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from msit_rec.config import load_versioned_json, to_dict
+from msit_rec.errors import DataError
+
+ARTIFACT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PROGRAM_FILE = "program.pt2"
+AOTI_FILE = "program_aoti.pt2"
+DATASET_FILE = "dataset.json"
+VOCAB_DIR = "vocab"
+INPUT_NAMES = ("sparse", "history", "hist_len", "scenario", "dense")
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+@dataclass
+class InputSchema:
+    """Column order of each program input (feature names of dataset.json) and the fixed sizes."""
+
+    sparse: list[str]
+    sequence: list[str]
+    dense: list[str]
+    max_len: int
+    scenarios: list[str]  # index = scenario id
+
+
+@dataclass
+class TableInfo:
+    """One embedding table as stored in the program."""
+
+    name: str
+    rows: int
+    dim: int
+    precision: Precision
+    bytes: int  # as stored (int8: rows + per-row scale/bias)
+    fp32_bytes: int
+
+
+@dataclass
+class ScenarioParity:
+    rows: int
+    auc_model: float | None  # None when undefined (one class only)
+    auc_artifact: float | None
+    auc_drop: float | None  # auc_model − auc_artifact
+
+
+@dataclass
+class ParityReport:
+    """The artifact against the trained model on the same rows (`split` of the training dataset)."""
+
+    split: str
+    rows: int
+    max_abs_logit_diff: float
+    tolerance: float | None  # the |Δ logit| bound checked (fp32 artifacts), None when only AUC is checked
+    max_auc_drop: float | None  # the per-scenario AUC drop bound checked (quantised artifacts)
+    scenarios: dict[str, ScenarioParity]
+    table_bytes_fp32: int
+    table_bytes_artifact: int
+    passed: bool
+
+
+@dataclass
+class Manifest:
+    artifact_version: int
+    created_at: str  # ISO 8601, UTC
+    versions: dict[str, str]  # torch, msit_rec, python
+    run_dir: str
+    checkpoint: str
+    dataset_name: str
+    dataset_hash: str
+    model: dict[str, Any]  # ModelConfig as written by fit (variant, attention_hidden, ...)
+    inputs: InputSchema
+    tables: list[TableInfo]
+    files: dict[str, str]  # relative path → sha256 of every file of the artifact but the manifest
+    aoti: bool  # program_aoti.pt2 present
+    parity: ParityReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, artifact_dir: str | Path) -> None:
+        Path(artifact_dir, MANIFEST_FILE).write_text(json.dumps(to_dict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path) -> Manifest:
+        path = Path(artifact_dir) / MANIFEST_FILE
+        if not path.is_file():
+            raise DataError(f"{artifact_dir}: no {MANIFEST_FILE}; give a directory written by `msit-rec export`")
+        return load_versioned_json(path, cls, "artifact_version", ARTIFACT_VERSION,
+                                   "artifact manifest")
