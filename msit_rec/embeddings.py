@@ -138,7 +138,8 @@ class BatchEmbeddings(nn.Module):
     def forward(
         self, sparse: KeyedJaggedTensor, sequence: KeyedJaggedTensor, hist_len: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pooled [B, Fu], target [B, D], behaviours [B, L, D]); padded behaviour positions are zeros."""
+        """(pooled [B, Fu], target [B, D], behaviours [N, D]): only the N real behaviours, example by example and
+        oldest first within an example (the order of the jagged history values)."""
         batch = hist_len.shape[0]
         sparse_by_key = sparse.to_dict()
         sequence_by_key = sequence.to_dict()
@@ -150,7 +151,7 @@ class BatchEmbeddings(nn.Module):
         if self.path is SequencePath.EMBEDDING_COLLECTION:
             target, behaviours = self._collection(sparse_by_key, sequence_by_key, batch)
         else:
-            target, behaviours = self._pooled_positions(sparse_by_key, sequence_by_key, hist_len)
+            target, behaviours = self._pooled_positions(sparse_by_key, sequence_by_key, batch)
         return pooled, target, behaviours
 
     def _collection(
@@ -164,44 +165,36 @@ class BatchEmbeddings(nn.Module):
         looked_up = self.sequences(KeyedJaggedTensor.concat(parts))
         targets, behaviours = [], []
         for slot in self.layout.slots:
-            rows = looked_up[slot.sequence]
-            behaviours.append(rows.to_padded_dense(self.layout.max_len))  # [B, L, d]
-            if slot.target:
-                targets.append(looked_up[slot.target].values())  # [B, d]
-            else:
-                targets.append(behaviours[-1].new_zeros((batch, slot.dim)))
+            rows = looked_up[slot.sequence].values()  # [N, d]
+            behaviours.append(rows)
+            targets.append(looked_up[slot.target].values() if slot.target else rows.new_zeros((batch, slot.dim)))
         return torch.cat(targets, dim=-1), torch.cat(behaviours, dim=-1)
 
     def _pooled_positions(
-        self, sparse_by_key: dict[str, JaggedTensor], sequence_by_key: dict[str, JaggedTensor], hist_len: torch.Tensor
+        self, sparse_by_key: dict[str, JaggedTensor], sequence_by_key: dict[str, JaggedTensor], batch: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every example becomes L+1 bags — [target, b_1..b_L] — of one id (or none: padding → zero row)."""
-        batch, length = hist_len.shape[0], self.layout.max_len
-        lengths = hist_len.long()  # [B]
-        positions = torch.arange(length + 1, device=lengths.device)  # [L+1]
-        example_start = torch.cumsum(lengths + 1, 0) - (lengths + 1)  # [B] first value of each example
-        element_example = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)  # [N]
-        element_rank = torch.arange(element_example.numel(), device=lengths.device) - (
-            torch.cumsum(lengths, 0) - lengths
-        )[element_example]
-        history_slot = example_start[element_example] + 1 + element_rank  # [N] where each behaviour id goes
-        bags = positions[None, :] <= lengths[:, None]  # [B, L+1] non-empty bags: the target and real behaviours
+        """Bags of one id each: the B targets, then the N real behaviours, then empty bags up to a fixed B·(L+1).
+
+        The bag count stays B·(L+1) whatever N is, so every rank of a sharded table sees the same batch size; the
+        empty bags at the end cost a zero row each and no backward work.
+        """
+        bag_count = batch * (self.layout.max_len + 1)
+        first = sequence_by_key[self.layout.slots[0].sequence].values()
+        bag = torch.arange(bag_count, device=first.device)  # [B·(L+1)]
+        real_end = batch + first.numel()  # every history list has the same N behaviours
         parts = []
         for slot in self.layout.slots:
             history = sequence_by_key[slot.sequence].values()  # [N]
-            if slot.target is None:  # no target feature on this table: its target bag stays empty (a zero row)
-                values, bag_lengths = history, bags & (positions[None, :] > 0)
+            if slot.target is None:  # no target feature on this table: its target bags stay empty (zero rows)
+                values, bag_lengths = history, (bag >= batch) & (bag < real_end)
             else:
-                values = history.new_empty(batch + history.numel())
-                values[example_start] = sparse_by_key[slot.target].values()
-                values[history_slot] = history
-                bag_lengths = bags
+                values, bag_lengths = torch.cat([sparse_by_key[slot.target].values(), history]), bag < real_end
             parts.append(KeyedJaggedTensor(
-                keys=[f"{slot.sequence}@position"], values=values, lengths=bag_lengths.to(torch.int32).reshape(-1),
-                stride=batch * (length + 1),
+                keys=[f"{slot.sequence}@position"], values=values, lengths=bag_lengths.to(torch.int32),
+                stride=bag_count,
             ))
-        rows = self.sequences(KeyedJaggedTensor.concat(parts)).values().reshape(batch, length + 1, -1)
-        return rows[:, 0], rows[:, 1:]
+        rows = self.sequences(KeyedJaggedTensor.concat(parts)).values()  # [B·(L+1), D]
+        return rows[:batch], rows[batch:real_end]
 
 
 def _one_key(tensor: JaggedTensor, key: str) -> KeyedJaggedTensor:

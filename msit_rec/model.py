@@ -16,7 +16,6 @@ from msit_rec.data.batch import Batch
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.embeddings import META, BatchEmbeddings, SequencePath
 from msit_rec.modules import ScenarioGate, ScenarioTower, TargetAttention
-from msit_rec.modules.target_attention import lengths_to_mask
 
 Variant = Literal["shared", "din", "din_sid", "star", "pepnet", "msit"]
 
@@ -118,18 +117,22 @@ class RankingModel(nn.Module):
         )
 
     def forward(self, batch: Batch) -> torch.Tensor:  # [B] logits
-        pooled, target, behaviours = self.embeddings(batch.sparse, batch.sequence, batch.hist_len)
-        mask = lengths_to_mask(batch.hist_len, self.max_len)  # [B, L]
+        pooled, target, behaviours = self.embeddings(batch.sparse, batch.sequence, batch.hist_len)  # [N, D] behaviours
+        size = batch.hist_len.shape[0]
+        example = torch.repeat_interleave(  # [N] the row of each behaviour
+            torch.arange(size, device=target.device), batch.hist_len.long(), output_size=behaviours.shape[0]
+        )
         scenario = batch.scenario
         scenario_emb = self.scenario_embedding(scenario) if self.scenario_embedding is not None else None  # [B, E]
         if self.gate is not None:
-            own = batch.sequence["hist_scenario"].to_padded_dense(self.max_len, padding_value=0)  # [B, L]
-            behaviours = self.gate(behaviours, own, scenario, self.scenario_embedding.weight)
+            own = batch.sequence["hist_scenario"].values()  # [N]
+            served = scenario.index_select(0, example)  # [N]
+            behaviours = self.gate.forward_packed(behaviours, own, served, self.scenario_embedding.weight)
         if self.attention is not None:
             attention_scenario = scenario_emb if self.parts.attention_scenario else None
-            interest = self.attention(behaviours, target, mask, attention_scenario)  # [B, D]
+            interest = self.attention.forward_packed(behaviours, example, target, attention_scenario)  # [B, D]
         else:
-            interest = behaviours.sum(dim=1)  # padded positions are zero rows
+            interest = behaviours.new_zeros(target.shape).index_add_(0, example, behaviours)  # sum pooling
         features = [pooled, target, interest, batch.dense]
         if self.parts.scenario_input:
             features.append(scenario_emb)

@@ -204,8 +204,9 @@ def test_behaviour_scenario_changes_msit_only_through_the_gate(meta, rows, monke
     assert (change[has_history] > 0).all() and change.max() > 1e-4  # the gate sees s_j: every such row moves
     assert torch.equal(original[~has_history], changed[~has_history])  # nothing to gate, nothing changes
 
-    gate_forward = net.gate.forward  # the same gate, told every behaviour happened in scenario 0
-    monkeypatch.setattr(net.gate, "forward", lambda b, own, s, table: gate_forward(b, torch.zeros_like(own), s, table))
+    gate_forward = net.gate.forward_packed  # the same gate, told every behaviour happened in scenario 0
+    monkeypatch.setattr(net.gate, "forward_packed",
+                        lambda b, own, s, table: gate_forward(b, torch.zeros_like(own), s, table))
     assert torch.equal(logits(net, to_batch(moved, meta)), logits(net, to_batch(rows, meta)))
 
 

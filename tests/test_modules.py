@@ -174,6 +174,54 @@ def test_fast_attention_equals_naive_concatenation(pooling: str, scenario_dim: i
     torch.testing.assert_close(out, naive_attention(att, x["behaviours"], x["target"], x["mask"], e))
 
 
+def _packed(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(real behaviours [N, D], their own scenarios [N], their example [N]) of the padded inputs, row-major."""
+    example = torch.repeat_interleave(torch.arange(B), x["lengths"])
+    return x["behaviours"][x["mask"]], x["behaviour_scenario"][x["mask"]], example
+
+
+@pytest.mark.parametrize("pooling", ["sum", "softmax"])
+@pytest.mark.parametrize("scenario_dim", [0, E])
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+def test_packed_attention_equals_naive_concatenation(pooling: str, scenario_dim: int, activation: str):
+    att = _randomise(
+        TargetAttention(D, (16, 8), scenario_dim=scenario_dim, activation=activation, pooling=pooling).double()
+    )
+    x = _inputs()
+    e = torch.randn(B, E, dtype=torch.float64) if scenario_dim else None
+    behaviours, _, example = _packed(x)
+    out = att.forward_packed(behaviours, example, x["target"], e)
+    torch.testing.assert_close(out, naive_attention(att, x["behaviours"], x["target"], x["mask"], e))
+    assert torch.equal(out[0], torch.zeros(D, dtype=torch.float64))  # example 0 has no behaviours
+
+
+@pytest.mark.parametrize("per_scenario", [True, False])
+def test_packed_gate_equals_concatenated_formula(per_scenario: bool):
+    gate = _randomise(ScenarioGate(D, E, S, per_scenario=per_scenario).double())
+    x = _inputs()
+    behaviours, own, example = _packed(x)
+    out = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"])
+    expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])[x["mask"]]
+    torch.testing.assert_close(out, expected)
+
+
+def test_packed_and_padded_layouts_give_the_same_gradients():
+    gate = _randomise(ScenarioGate(D, E, S).double())
+    att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E, pooling="softmax").double())
+    x = _inputs()
+    e = x["table"][x["scenario"]]
+    padded = att(gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"]), x["target"], x["mask"], e)
+    padded.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in [*gate.named_parameters(), *att.named_parameters()]}
+    gate.zero_grad()
+    att.zero_grad()
+    behaviours, own, example = _packed(x)
+    gated = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"])
+    att.forward_packed(gated, example, x["target"], e).square().sum().backward()
+    for name, p in [*gate.named_parameters(), *att.named_parameters()]:
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
+
+
 @pytest.mark.parametrize("pooling", ["sum", "softmax"])
 def test_padding_never_changes_the_interest(pooling: str):
     gate = _randomise(ScenarioGate(D, E, S).double())

@@ -26,6 +26,10 @@ class ScenarioGate(nn.Module):
     identity but saturated (σ' ≈ 0.05) and able only to shrink; the uniform factor ≈ 0.5 is absorbed by the
     attention and the tower.
 
+    `forward` takes padded behaviours [B, L, D] (the exported serving program); `forward_packed` only the real ones
+    [N, D] (training): there the behaviour block is one matmul per served scenario over that scenario's rows, grouped
+    by one sort.
+
     `per_scenario=False` keeps one weight set for all served scenarios (the gate still sees `e(s_j)`): an ablation
     between no gate and the full gate. The `din`/`shared` variants simply do not use this module.
     """
@@ -41,6 +45,10 @@ class ScenarioGate(nn.Module):
         self.scenario_weight = nn.Parameter(torch.empty(sets, scenario_dim, dim).uniform_(-bound, bound))  # [S, E, D]
         self.bias = nn.Parameter(torch.zeros(sets, dim))  # [S, D]
 
+    def _pair_logits(self, scenario_table: torch.Tensor) -> torch.Tensor:
+        """The term of e(s_j) and c_s for every (served, own) scenario pair: [sets, S, D]."""
+        return torch.einsum("te,sed->std", scenario_table, self.scenario_weight) + self.bias[:, None, :]
+
     def forward(
         self,
         behaviours: torch.Tensor,  # [B, L, D]
@@ -48,8 +56,7 @@ class ScenarioGate(nn.Module):
         scenario: torch.Tensor,  # [B] int, served scenario
         scenario_table: torch.Tensor,  # [S, E], the scenario embeddings e(·)
     ) -> torch.Tensor:  # [B, L, D]
-        # term of e(s_j) and c_s for every (served, own) pair: [sets, S, D]
-        pair_logits = torch.einsum("te,sed->std", scenario_table, self.scenario_weight) + self.bias[:, None, :]
+        pair_logits = self._pair_logits(scenario_table)  # [sets, S, D]
         if self.per_scenario:
             pair = scenario[:, None] * self.num_scenarios + behaviour_scenario  # [B, L]
             weight = self.behaviour_weight[scenario]  # [B, D, D]
@@ -59,3 +66,22 @@ class ScenarioGate(nn.Module):
         pair_term = F.embedding(pair, pair_logits.reshape(-1, self.dim))  # [B, L, D]
         # fused: one [B, L, D] tensor for the logits, gated in place (sigmoid's backward needs only its output)
         return torch.baddbmm(pair_term, behaviours, weight).sigmoid_() * behaviours
+
+    def forward_packed(
+        self,
+        behaviours: torch.Tensor,  # [N, D] real behaviours only
+        behaviour_scenario: torch.Tensor,  # [N] int, scenario of each behaviour
+        served: torch.Tensor,  # [N] int, served scenario of the example each behaviour belongs to
+        scenario_table: torch.Tensor,  # [S, E]
+    ) -> torch.Tensor:  # [N, D]
+        pair_logits = self._pair_logits(scenario_table).reshape(-1, self.dim)  # [sets*S, D]
+        if not self.per_scenario:
+            logits = torch.addmm(F.embedding(behaviour_scenario, pair_logits), behaviours, self.behaviour_weight[0])
+            return logits.sigmoid_() * behaviours
+        logits = F.embedding(served * self.num_scenarios + behaviour_scenario, pair_logits)  # [N, D]
+        # rows grouped by served scenario (one gather), one matmul per scenario on contiguous slices, then back
+        order = torch.sort(served, stable=True).indices  # [N]
+        counts = torch.bincount(served, minlength=self.num_scenarios).tolist()
+        grouped = behaviours.index_select(0, order).split(counts)
+        products = torch.cat([rows @ self.behaviour_weight[s] for s, rows in enumerate(grouped)])  # [N, D], grouped
+        return logits.index_add_(0, order, products).sigmoid_() * behaviours

@@ -34,6 +34,14 @@ class TargetAttention(nn.Module):
     tensor is built. `first.weight` keeps the layout of the concatenated formula (blocks b, t, b⊙t, b−t, e), so the
     result equals the naive formula with the same weights.
 
+    Two layouts of the same function:
+    - `forward`: padded behaviours [B, L, D] with a mask — static shapes, what the exported serving program uses;
+    - `forward_packed`: only the real behaviours [N, D] with the example of each — what training uses. It skips the
+      padded positions entirely (a quarter to a half of the work at usual history lengths) and turns the per-example
+      `baddbmm` into one `[N, 2D] × [2D, H]` matmul over `[b, b⊙t]`, which is cheaper in backward too than the
+      per-example `[B, D, H]` weight (no `[B, D, H]` gradient to build and reduce).
+    Tests check both against the naive concatenation formula.
+
     `scenario_dim=0` drops the e(s) input (the `din` variant).
     """
 
@@ -58,19 +66,29 @@ class TargetAttention(nn.Module):
         self.first_activation = make_activation(activation, hidden_dims[0])
         self.rest = MLP(hidden_dims[0], hidden_dims[1:], out_dim=1, activation=activation)
 
+    def _blocks(self, dim: int) -> tuple[torch.Tensor, ...]:
+        """`first.weight` split into its input blocks b, t, b⊙t, b−t, e: five [H, ·] views."""
+        return self.first.weight.split([dim, dim, dim, dim, self.scenario_dim], dim=1)
+
+    def _per_example(self, target: torch.Tensor, scenario_emb: torch.Tensor | None) -> torch.Tensor:
+        """The first layer's terms that do not depend on the behaviour: `(W_t − W_d)·t + W_e·e + bias`, [B, H]."""
+        if (scenario_emb is None) != (self.scenario_dim == 0):
+            raise ValueError(f"scenario_emb must be given exactly when scenario_dim > 0 (it is {self.scenario_dim})")
+        _, w_t, _, w_d, w_e = self._blocks(target.shape[-1])
+        per_example = F.linear(target, w_t - w_d, self.first.bias)  # [B, H]
+        if scenario_emb is not None:
+            per_example = per_example + F.linear(scenario_emb, w_e)
+        return per_example
+
     def scores(
         self,
         behaviours: torch.Tensor,  # [B, L, D]
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None,  # [B, E] or None when scenario_dim == 0
     ) -> torch.Tensor:  # [B, L] raw attention scores, padding not yet masked
-        if (scenario_emb is None) != (self.scenario_dim == 0):
-            raise ValueError(f"scenario_emb must be given exactly when scenario_dim > 0 (it is {self.scenario_dim})")
         batch, length, dim = behaviours.shape
-        w_b, w_t, w_p, w_d, w_e = self.first.weight.split([dim, dim, dim, dim, self.scenario_dim], dim=1)  # [H, ·]
-        per_example = F.linear(target, w_t - w_d, self.first.bias)  # [B, H]
-        if scenario_emb is not None:
-            per_example = per_example + F.linear(scenario_emb, w_e)
+        per_example = self._per_example(target, scenario_emb)  # [B, H]
+        w_b, _, w_p, w_d, _ = self._blocks(dim)
         weight = (w_b + w_d).t() + target[:, :, None] * w_p.t()  # [B, D, H]
         hidden = torch.baddbmm(per_example[:, None, :], behaviours, weight)  # [B, L, H]
         hidden = self.first_activation(hidden.reshape(batch * length, -1))  # [B*L, H]
@@ -88,3 +106,29 @@ class TargetAttention(nn.Module):
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
         weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
         return torch.bmm(weights.unsqueeze(1).to(behaviours.dtype), behaviours).squeeze(1)
+
+    def forward_packed(
+        self,
+        behaviours: torch.Tensor,  # [N, D] the real behaviours of the batch, example by example
+        example: torch.Tensor,  # [N] int64, row of the batch each behaviour belongs to
+        target: torch.Tensor,  # [B, D]
+        scenario_emb: torch.Tensor | None = None,  # [B, E]
+    ) -> torch.Tensor:  # [B, D] interest; zero for an example without behaviours
+        batch, dim = target.shape
+        per_example = self._per_example(target, scenario_emb)  # [B, H]
+        w_b, _, w_p, w_d, _ = self._blocks(dim)
+        paired = torch.cat([behaviours, behaviours * target.index_select(0, example)], dim=1)  # [N, 2D]: [b, b⊙t]
+        hidden = torch.mm(paired, torch.cat([w_b + w_d, w_p], dim=1).t())  # [N, H]
+        hidden = self.first_activation(hidden.add_(per_example.index_select(0, example)))  # fresh: in place is safe
+        scores = self.rest(hidden).squeeze(1)  # [N]
+        if self.pooling == "softmax":
+            scores = segment_softmax(scores, example, batch)
+        return behaviours.new_zeros(batch, dim).index_add_(0, example, scores[:, None].to(behaviours.dtype) * behaviours)
+
+
+def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
+    """Softmax of `scores` [N] within each segment (`segment` [N] in [0, segments)); empty segments are simply absent."""
+    peak = scores.new_full((segments,), float("-inf")).scatter_reduce_(0, segment, scores.detach(), "amax")  # [S]
+    exp = (scores - peak.index_select(0, segment)).exp()  # the shift cancels out: no gradient needed through it
+    total = exp.new_zeros(segments).index_add_(0, segment, exp)  # [S]
+    return exp / total.index_select(0, segment)
