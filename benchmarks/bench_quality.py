@@ -4,7 +4,7 @@ Trains `shared`, `din`, `din_sid`, `star`, `pepnet` and `msit` with the same bud
 epochs, same optimisers and batch size; the checkpoint kept is the best on the validation split) and several seeds
 (`trainer.seed`: initialisation and data order; the data stay fixed) on:
 - (a) `transfer`: a generated world with planted cross-scenario transfer. Every scenario is lifted by recent clicks
-  from one *other* scenario (TRANSFER_MATRIX), so what a behaviour says depends on where it happened and where the
+  from one *other* scenario (configs/generate/transfer.yaml), so what a behaviour says depends on where it happened and where the
   impression is: the signal the scenario gate of `msit` is built for. Static interest is weak.
 - (b) `movielens`: ml-latest-small from ../shared/data (scenario = group of the movie's first genre, click =
   rating >= 4, time split; configs/datasets/movielens.yaml). Skipped, with a message, when the folder is absent.
@@ -56,23 +56,8 @@ METRICS = ("auc", "gauc", "logloss")  # logloss: lower is better
 METRIC_TITLES = {"auc": "AUC", "gauc": "GAUC", "logloss": "logloss"}
 MOVIELENS_DIR = REPO.parent / "shared" / "data" / "ml-latest-small"
 
-SCENARIOS = ("home", "search", "detail", "channel", "new")
-# transfer_matrix[s][t]: lift of scenario s's impressions by recent clicks in scenario t (order of SCENARIOS)
-TRANSFER_MATRIX = [
-    [0, 0, 1, 0, 0],  # home    ← detail
-    [1, 0, 0, 0, 0],  # search  ← home
-    [0, 1, 0, 0, 0],  # detail  ← search
-    [1, 0, 0, 0, 0],  # channel ← home
-    [0, 1, 0, 0, 0],  # new     ← search
-]
-TRANSFER_WORLD = {  # overrides of configs/generate/tiny.yaml (the idea of TRANSFER_WORLD in tests/test_training.py)
-    "users": 6000, "items": 1500, "categories": 10, "days": 14, "impressions_per_user_day": 8.0,
-    "scenarios": list(SCENARIOS), "scenario_shares": [0.4, 0.25, 0.15, 0.12, 0.08],
-    "scenario_ctr": [0.05, 0.07, 0.06, 0.05, 0.08], "interest_exposure": [0.25, 0.6, 0.45, 0.3, 0.6],
-    "transfer_strength": 3.0, "transfer_half_life_hours": 168.0, "transfer_memory": 16,
-    "interest_sharing": 1.0, "interest_strength": 0.5, "transfer_matrix": TRANSFER_MATRIX,
-}
-QUICK_WORLD = {**TRANSFER_WORLD, "users": 1500}
+TRANSFER_WORLD = REPO / "configs/generate/transfer.yaml"  # each scenario lifted by clicks from another one
+QUICK_WORLD = ["users=1500"]  # overrides of TRANSFER_WORLD
 TRANSFER_PREPARE = ["history.max_len=20", "split.valid_fraction=0.1", "split.test_fraction=0.2"]
 
 
@@ -129,9 +114,7 @@ def prepare_transfer(root: Path, quick: bool) -> Path:
     from pipelines.synthetic import generate
     from pipelines.synthetic_config import GeneratorConfig
 
-    world = QUICK_WORLD if quick else TRANSFER_WORLD
-    settings = [f"{key}={json.dumps(value)}" for key, value in world.items()]
-    generate(load_config(REPO / "configs/generate/tiny.yaml", GeneratorConfig, "generate", settings),
+    generate(load_config(TRANSFER_WORLD, GeneratorConfig, "generate", QUICK_WORLD if quick else []),
              root / "raw", progress=False, overwrite=True)
     config = load_config(REPO / "configs/datasets/synthetic.yaml", DatasetConfig, "dataset",
                          [f"source.path={root / 'raw'}", *TRANSFER_PREPARE])
