@@ -95,27 +95,35 @@ def best_and_last(dirpath: Path) -> ModelCheckpoint:
 def test_unknown_table_in_forced_sharding_is_a_config_error() -> None:
     config = ShardingConfig(table_sharding={"user": "row_wise", "no_such_table": "table_wise"})
     with pytest.raises(ConfigError, match=r"no_such_table.*\['cat', 'hist', 'item', 'user'\]"):
-        build_constraints(config, ToyRecModule())
+        build_constraints(config, ToyRecModule(), world_size=2)
 
 
 def test_bad_sharding_values_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="table_sharding.user"):
         from_dict(ShardingConfig, {"table_sharding": {"user": "diagonal"}}, "trainer.sharding")
     with pytest.raises(ConfigError, match="hist.*data_parallel"):
-        build_constraints(ShardingConfig(table_sharding={"hist": "data_parallel"}), ToyRecModule())
+        build_constraints(ShardingConfig(table_sharding={"hist": "data_parallel"}), ToyRecModule(), world_size=2)
     with pytest.raises(ConfigError, match="adam.*GPU"):
         fused_params(ShardingConfig(embedding_optimizer="adam"), torch.device("cpu"))
 
 
 def test_forced_sharding_becomes_planner_constraints() -> None:
     constraints = build_constraints(
-        ShardingConfig(table_sharding={"user": "column_wise", "cat": "data_parallel"}), ToyRecModule()
+        ShardingConfig(table_sharding={"user": "column_wise", "cat": "data_parallel"}), ToyRecModule(), world_size=2
     )
     assert set(constraints) == set(TABLE_NAMES)
     assert constraints["user"].sharding_types == ["column_wise"] and constraints["user"].compute_kernels == ["fused"]
     assert constraints["cat"].sharding_types == ["data_parallel"] and constraints["cat"].compute_kernels == ["dense"]
     assert "data_parallel" not in constraints["hist"].sharding_types  # sequence table: never DP on CPU
     assert constraints["hist"].compute_kernels == ["fused"]
+
+
+def test_one_process_keeps_unforced_tables_whole() -> None:
+    constraints = build_constraints(ShardingConfig(table_sharding={"user": "row_wise"}), ToyRecModule(), world_size=1)
+    assert constraints["user"].sharding_types == ["row_wise"]  # forced: as asked
+    assert all(constraints[t].sharding_types == ["table_wise"] for t in TABLE_NAMES if t != "user")
+    spread = build_constraints(ShardingConfig(), ToyRecModule(), world_size=2)
+    assert all("row_wise" in c.sharding_types for c in spread.values())
 
 
 def test_more_devices_than_available_fails_before_training() -> None:

@@ -128,8 +128,12 @@ def embedding_tables(module: nn.Module) -> dict[str, type[nn.Module]]:
     return tables
 
 
-def build_constraints(config: ShardingConfig, module: nn.Module) -> dict[str, ParameterConstraints]:
-    """Planner constraints: forced sharding types from config, fused kernels, no data-parallel sequence tables."""
+def build_constraints(config: ShardingConfig, module: nn.Module, world_size: int) -> dict[str, ParameterConstraints]:
+    """Planner constraints: forced sharding types from config, fused kernels, no data-parallel sequence tables.
+
+    In one process every table not forced otherwise is table-wise: splitting rows or columns across one rank only adds
+    bucketisation and permutes to every step (measured ≈ 4 % of a step at the reference size).
+    """
     tables = embedding_tables(module)
     unknown = sorted(set(config.table_sharding) - set(tables))
     if unknown:
@@ -153,6 +157,8 @@ def build_constraints(config: ShardingConfig, module: nn.Module) -> dict[str, Pa
             continue
         if forced is not None:
             sharding_types = [forced]
+        elif world_size == 1:
+            sharding_types = [ShardingType.TABLE_WISE.value]
         else:
             sharding_types = _SEQUENCE_SHARDING_TYPES if is_sequence else _DEFAULT_SHARDING_TYPES
         constraints[name] = ParameterConstraints(
@@ -176,7 +182,7 @@ def plan_sharding(
             trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
             kernel_config=KernelConfig(compute_device=device.type),
         ),
-        constraints=build_constraints(config, module),
+        constraints=build_constraints(config, module, world_size),
         debug=False,
     )
     return planner.collective_plan(module, sharders, process_group)
