@@ -160,37 +160,28 @@ def test_gate_weights_are_per_served_scenario():
 # ---------------------------------------------------------------- target attention
 
 
-@pytest.mark.parametrize("pooling", ["sum", "softmax"])
-@pytest.mark.parametrize("scenario_dim", [0, E])
-@pytest.mark.parametrize("activation", ["relu", "prelu"])
-def test_fast_attention_equals_naive_concatenation(pooling: str, scenario_dim: int, activation: str):
-    att = _randomise(
-        TargetAttention(D, (16, 8), scenario_dim=scenario_dim, activation=activation, pooling=pooling).double()
-    )
-    x = _inputs()
-    e = torch.randn(B, E, dtype=torch.float64) if scenario_dim else None
-    out = att(x["behaviours"], x["target"], x["mask"], e)
-    assert out.shape == (B, D)
-    torch.testing.assert_close(out, naive_attention(att, x["behaviours"], x["target"], x["mask"], e))
-
-
 def _packed(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(real behaviours [N, D], their own scenarios [N], their example [N]) of the padded inputs, row-major."""
     example = torch.repeat_interleave(torch.arange(B), x["lengths"])
     return x["behaviours"][x["mask"]], x["behaviour_scenario"][x["mask"]], example
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("pooling", ["sum", "softmax"])
 @pytest.mark.parametrize("scenario_dim", [0, E])
 @pytest.mark.parametrize("activation", ["relu", "prelu"])
-def test_packed_attention_equals_naive_concatenation(pooling: str, scenario_dim: int, activation: str):
+def test_fast_attention_equals_naive_concatenation(layout: str, pooling: str, scenario_dim: int, activation: str):
     att = _randomise(
         TargetAttention(D, (16, 8), scenario_dim=scenario_dim, activation=activation, pooling=pooling).double()
     )
     x = _inputs()
     e = torch.randn(B, E, dtype=torch.float64) if scenario_dim else None
-    behaviours, _, example = _packed(x)
-    out = att.forward_packed(behaviours, example, x["target"], e)
+    if layout == "padded":
+        out = att(x["behaviours"], x["target"], x["mask"], e)
+    else:
+        behaviours, _, example = _packed(x)
+        out = att.forward_packed(behaviours, example, x["target"], e)
+    assert out.shape == (B, D)
     torch.testing.assert_close(out, naive_attention(att, x["behaviours"], x["target"], x["mask"], e))
     assert torch.equal(out[0], torch.zeros(D, dtype=torch.float64))  # example 0 has no behaviours
 
