@@ -153,10 +153,9 @@ def run_twin(params: dict[str, Any]) -> dict[str, Any]:
     from msit_rec.data.spec import DatasetMeta
     from msit_rec.embeddings import EmbeddingLayout
     from msit_rec.model import ModelConfig, RankingModel
-    from msit_rec.modules import lengths_to_mask
 
     class PlainEmbeddings(nn.Module):
-        """`BatchEmbeddings` in plain PyTorch: one `nn.Embedding` per table (row 0 = padding stays zero)."""
+        """`BatchEmbeddings` in plain PyTorch: one `nn.Embedding` per table, behaviours packed [N, D] as it returns them."""
 
         def __init__(self, meta: DatasetMeta) -> None:
             super().__init__()
@@ -174,13 +173,10 @@ def run_twin(params: dict[str, Any]) -> dict[str, Any]:
             ids = sparse.values().view(len(self.sparse_keys), batch)  # [F, B]: one id per row and key
             column = {key: ids[i] for i, key in enumerate(self.sparse_keys)}
             pooled = torch.cat([self.tables[self.table_of[f]](column[f]) for f in self.layout.bag_features], -1)
-            mask = lengths_to_mask(hist_len, self.layout.max_len)  # [B, L]
             lists = dict(zip(sequence.keys(), sequence.values().split(sequence.length_per_key())))
             targets, behaviours = [], []
             for slot in self.layout.slots:
-                padded = hist_len.new_zeros(mask.shape, dtype=torch.long)
-                padded[mask] = lists[slot.sequence]  # jagged values are row-major, oldest first
-                behaviours.append(self.tables[slot.table](padded))  # [B, L, d]
+                behaviours.append(self.tables[slot.table](lists[slot.sequence]))  # [N, d]: the real behaviours
                 targets.append(self.tables[slot.table](column[slot.target]))  # [B, d]
             return pooled, torch.cat(targets, -1), torch.cat(behaviours, -1)
 

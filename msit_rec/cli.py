@@ -80,7 +80,64 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     compare.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_export_command(commands)
+    _add_serving_commands(commands)
+    requests = commands.add_parser("requests", help="raw requests rebuilt from prepared examples (to try predict/serve)")
+    requests.add_argument("--data", required=True, type=Path, help="prepared examples directory (with dataset.json)")
+    requests.add_argument("--split", default="test", help="split to sample (default: test)")
+    requests.add_argument("--rows", type=int, default=20, help="requests to write: the split's first rows (default: 20)")
+    requests.add_argument("--out", required=True, type=Path, help="JSON lines file to write")
+    requests.add_argument("--quiet", action="store_true", help="no log lines")
     return parser
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="checkpoint → serving artifact (torch.export, vocabularies, manifest)")
+    export.add_argument("--run", required=True, type=Path, help="run directory of `msit-rec fit`")
+    export.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint directory (default: best)")
+    export.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    export.add_argument("--precision", default="fp32",
+                        help="table storage: fp32 | fp16 | int8 (every table) or TABLE=P,... e.g. item=int8,user=fp16 "
+                             "(the others fp32); default fp32")
+    export.add_argument("--aoti", action="store_true", help="also write an AOTInductor package (compiles for ~30 s)")
+    export.add_argument("--split", default="test", help="split the parity check scores (default: test)")
+    export.add_argument("--parity_rows", type=int, help="score at most this many rows for parity (default: all)")
+    export.add_argument("--batch_size", type=int, default=8192, help="rows per parity batch (default: 8192)")
+    export.add_argument("--max_logit_diff", type=float,
+                        help="parity bound on max |Δ logit| (default: 1e-5 when every table is fp32, else unchecked)")
+    export.add_argument("--max_auc_drop", type=float,
+                        help="parity bound on each scenario's AUC drop (default: 0.001 with fp16/int8 tables)")
+    export.add_argument("--no_parity_gate", action="store_true",
+                        help="keep an artifact that fails parity (marked passed: false) and exit 0")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier artifact in --out")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_serving_commands(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser("predict", help="score raw request rows (Parquet or JSON lines) with an artifact")
+    predict.add_argument("--artifact", required=True, type=Path, help="artifact directory of `msit-rec export`")
+    predict.add_argument("--input", required=True, type=Path, help="raw rows: .parquet or .jsonl (request schema)")
+    predict.add_argument("--out", required=True, type=Path, help="the rows + logit, score: .parquet or .jsonl")
+    predict.add_argument("--batch_size", type=int, default=4096, help="rows per model call (default: 4096)")
+    predict.add_argument("--backend", default="auto", choices=["auto", "export", "aoti"],
+                         help="program to run: aoti package, torch.export program, or auto (aoti when present)")
+    predict.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    serve = commands.add_parser("serve", help="HTTP JSON ranking service around an artifact (POST /rank)")
+    serve.add_argument("--artifact", required=True, type=Path, help="artifact directory of `msit-rec export`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 = any free port, printed)")
+    serve.add_argument("--backend", default="auto", choices=["auto", "export", "aoti"],
+                       help="program to run: aoti package, torch.export program, or auto (aoti when present)")
+    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    serve.add_argument("--max_body_bytes", type=int, default=8 << 20, help="largest request body (default: 8 MiB)")
+    serve.add_argument("--max_batch_rows", type=int, default=4096,
+                       help="rows of concurrent requests scored in one model call (default: 4096)")
+    serve.add_argument("--batch_wait_ms", type=float, default=0.0,
+                       help="how long a model call waits for more concurrent requests (default: 0)")
+    serve.add_argument("--quiet", action="store_true", help="no request log")
 
 
 def _print_config(section: str, config: object) -> None:
@@ -154,6 +211,53 @@ def run_compare(args: argparse.Namespace) -> None:
     print(f"comparison written to {args.out}: {', '.join(path.name for path in written)}")
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from msit_rec.export import export_run
+    from msit_rec.export.summary import export_summary
+
+    manifest = export_run(
+        args.run, args.out, checkpoint=args.checkpoint, precision=args.precision, aoti=args.aoti, split=args.split,
+        parity_rows=args.parity_rows, batch_size=args.batch_size, max_logit_diff=args.max_logit_diff,
+        max_auc_drop=args.max_auc_drop,
+        parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(export_summary(manifest))
+    print(f"artifact written to {args.out}")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from msit_rec.serving.artifact import load_artifact
+    from msit_rec.serving.predict import predict_file
+
+    artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
+    summary = predict_file(artifact, args.input, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    print(summary.table())
+    print(f"scores written to {args.out} (columns logit, score; backend {artifact.backend})")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from msit_rec.serving.artifact import load_artifact
+    from msit_rec.serving.server import RankingServer, ServeConfig
+
+    artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
+    config = ServeConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+                         max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
+    server = RankingServer(artifact, config)
+    print(f"serving {args.artifact} ({artifact.backend}) on {server.url} — POST /rank, GET /health, GET /metrics",
+          flush=True)
+    server.serve_forever()
+    print("server stopped", flush=True)
+
+
+def run_requests(args: argparse.Namespace) -> None:
+    from pipelines.requests import requests_from_examples, write_requests
+
+    requests = requests_from_examples(args.data, args.split, args.rows)
+    out = write_requests(requests, args.out)
+    print(f"{len(requests)} raw requests from {args.data} ({args.split}) written to {out}")
+
+
 def _section(content: dict, name: str, path: str) -> dict:
     if set(content) != {name}:
         raise ConfigError(f"config file {path}: expected exactly one top-level key '{name}', found {sorted(content)}")
@@ -161,7 +265,8 @@ def _section(content: dict, name: str, path: str) -> dict:
 
 
 COMMANDS = {
-    "generate": run_generate, "prepare": run_prepare, "fit": run_fit, "evaluate": run_evaluate, "compare": run_compare
+    "generate": run_generate, "prepare": run_prepare, "fit": run_fit, "evaluate": run_evaluate, "compare": run_compare,
+    "export": run_export, "predict": run_predict, "serve": run_serve, "requests": run_requests,
 }
 
 

@@ -1,0 +1,364 @@
+"""Serving latency and throughput: eager model vs exported program vs AOTInductor vs int8, in-process and over HTTP.
+
+Measured for requests ranking 1, 64 and 512 candidates of one user (history L = the dataset's max_len):
+- `in_process`: one thread (`torch.set_num_threads(1)`), inputs already encoded: the eager `RankingModel` (on the
+  training `Batch` of the same encoded rows), the fp32 `torch.export` program, its AOTInductor package, and the int8 program
+  (and its AOTI package unless `--quick`); p50/p99 over `--iters` calls after warm-up;
+- `end_to_end`: the same request as JSON bytes through `RankingService.rank` (parse, validate, encode, micro-batch
+  worker, model, sort), AOTI backend, in-process;
+- `http`: `msit-rec serve --threads 1` in its own process, one client on a keep-alive loopback connection;
+- `load`: requests/s and latency with `--inflight` concurrent keep-alive clients in a second process for
+  `--seconds`, 64 candidates each (the server micro-batches concurrent requests).
+Target (issue 5): p99 of ranking 512 candidates in-process with the AOTI artifact on one core < 5 ms.
+
+Without `--run`, a small world is generated and prepared (configs/datasets/synthetic.yaml, L = 50) and the
+reference-size model (configs/model/msit.yaml: attention 64-32, tower 512-256) is trained for a few batches:
+latency depends on sizes, not on how well the model learned.
+
+    python benchmarks/bench_serve.py [--quick] [--run RUN_DIR] [--output benchmarks/results/bench_serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CANDIDATES = (1, 64, 512)
+ITEM_FIELDS = ("item", "category", "brand", "price_bucket", "price")  # features a candidate carries (the rest: context)
+TARGET_P99_MS = 5.0
+
+
+# ---- data, run and artifacts ------------------------------------------------------------------------------------
+
+
+def train_run(root: Path, quick: bool) -> Path:
+    from msit_rec.config import from_dict, load_config, read_yaml
+    from msit_rec.train.fit import FitConfig, fit
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+    from pipelines.synthetic import generate
+    from pipelines.synthetic_config import GeneratorConfig
+
+    world = ["users=3000", "days=10", "impressions_per_user_day=12"] if not quick else []
+    generate(load_config(REPO / "configs/generate/tiny.yaml", GeneratorConfig, "generate", world), root / "raw",
+             progress=False)
+    dataset = load_config(REPO / "configs/datasets/synthetic.yaml", DatasetConfig, "dataset",
+                          overrides=[f"source.path={root / 'raw'}"])
+    prepare(dataset, root / "examples")
+    model = read_yaml(REPO / "configs/model/msit.yaml")["model"]
+    config = from_dict(FitConfig, {"model": model, "trainer": {
+        "batch_size": 1024, "max_epochs": 1, "limit_train_batches": 10, "limit_val_batches": 2, "progress_bar": False,
+    }}, "fit")
+    fit(config, root / "examples", root / "run")
+    return root / "run"
+
+
+def export_artifacts(run: Path, root: Path, quick: bool) -> dict[str, Path]:
+    from msit_rec.export import export_run
+
+    out = {}
+    for name, precision, aoti in (("fp32", "fp32", True), ("int8", "int8", not quick)):
+        start = time.perf_counter()
+        export_run(run, root / name, precision=precision, aoti=aoti, parity_gate=False, progress=False)
+        print(f"exported {name} (aoti={aoti}) in {time.perf_counter() - start:.1f} s", flush=True)
+        out[name] = root / name
+    return out
+
+
+def rank_bodies(data_dir: Path, candidates: int, count: int) -> list[dict[str, Any]]:
+    """/rank bodies from the test split decoded back to raw ids (each: one row's user, others' items)."""
+    import polars as pl
+
+    from msit_rec.data.spec import OOV_INDEX, DatasetMeta
+
+    meta = DatasetMeta.load(data_dir)
+    frame = pl.concat([pl.read_parquet(data_dir / f) for f in meta.splits["test"].files])
+    frame = frame.sort("hist_len", descending=True)  # users with full histories: the heaviest requests
+    inverse = {}
+    for spec in meta.features_of_kind("sparse"):
+        vocab = pl.read_parquet(data_dir / spec.vocabulary)
+        inverse[spec.name] = dict(zip(vocab["index"].to_list(), vocab["raw"].to_list()))
+
+    def raw(feature: str, index: int) -> Any:
+        return inverse[feature].get(index, -1) if index != OOV_INDEX else -1
+
+    def fields(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
+        out = {}
+        for name in names:
+            spec = meta.feature(name)
+            if spec.kind == "dense":
+                stats = meta.numeric_stats[name]
+                out[spec.source] = row[name] * stats.std + stats.mean
+            else:
+                out[spec.source] = raw(name, row[name])
+        return out
+
+    item_side = [f.name for f in meta.features if f.kind in ("sparse", "dense") and f.name in ITEM_FIELDS]
+    user_side = [f.name for f in meta.features if f.kind in ("sparse", "dense") and f.name not in ITEM_FIELDS]
+    rows = list(frame.head(count + candidates).iter_rows(named=True))
+    bodies = []
+    for i in range(count):
+        row = rows[i]
+        history = [{"item_id": raw("item", it), "item_cat": raw("category", c), "scenario": meta.scenarios[s]}
+                   for it, c, s in zip(row["hist_item"], row["hist_cat"], row["hist_scenario"])]
+        bodies.append({
+            "scenario": meta.scenarios[row["scenario"]],
+            "context": fields(row, user_side),
+            "history": history,
+            "candidates": [fields(rows[(i + 1 + j) % len(rows)], item_side) for j in range(candidates)],
+        })
+    return bodies
+
+
+# ---- measurements -----------------------------------------------------------------------------------------------
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "n": len(ms)}
+
+
+def timed(fn: Any, iters: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return percentiles(samples)
+
+
+def eager_batch(inputs: Any, sparse_keys: list[str], sequence_keys: list[str]) -> Any:
+    """The training `Batch` holding exactly the rows of encoded program inputs (same histories, same lengths)."""
+    import torch
+
+    from msit_rec.data.batch import Batch, keyed_jagged
+
+    rows = inputs.rows
+    lengths = inputs.hist_len  # [B]
+    real = torch.arange(inputs.history.shape[2])[None, :] < lengths[:, None]  # [B, L]
+    sequence_values = torch.cat([inputs.history[:, h][real] for h in range(len(sequence_keys))])
+    sparse = keyed_jagged(sparse_keys, inputs.sparse.T.reshape(-1), torch.ones(rows * len(sparse_keys), dtype=torch.int32),
+                          [rows] * len(sparse_keys), rows)
+    total = int(lengths.sum())
+    sequence = keyed_jagged(sequence_keys, sequence_values, lengths.to(torch.int32).repeat(len(sequence_keys)),
+                            [total] * len(sequence_keys), rows)
+    return Batch(sparse=sparse, sequence=sequence, dense=inputs.dense, scenario=inputs.scenario,
+                 label=torch.zeros(rows), user_id=torch.zeros(rows, dtype=torch.int64),
+                 hist_len=lengths.to(torch.int32), weight=torch.ones(rows), row_index=torch.arange(rows))
+
+
+def eager_model(run: Path) -> Any:
+    import torch
+
+    from msit_rec.data.spec import DatasetMeta
+    from msit_rec.evaluate import load_model, read_run, resolve_checkpoint
+
+    trained = read_run(run)
+    meta = DatasetMeta.load(trained.data_dir)
+    return load_model(trained, resolve_checkpoint(trained, "best"), meta, torch.device("cpu"))
+
+
+def in_process(artifacts: dict[str, Path], run: Path, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from msit_rec.serving.artifact import load_artifact
+    from msit_rec.serving.request import rank_request_rows
+    from msit_rec.serving.server import RankingService, ServeConfig
+
+    torch.set_num_threads(1)
+    variants = {"export_fp32": (artifacts["fp32"], "export"), "aoti_fp32": (artifacts["fp32"], "aoti"),
+                "export_int8": (artifacts["int8"], "export")}
+    if (artifacts["int8"] / "program_aoti.pt2").is_file():
+        variants["aoti_int8"] = (artifacts["int8"], "aoti")
+    loaded = {name: load_artifact(path, backend=backend) for name, (path, backend) in variants.items()}
+    model = eager_model(run)
+    schema = loaded["export_fp32"].manifest.inputs
+    results: dict[str, Any] = {}
+    for count in CANDIDATES:
+        body = rank_bodies(data_dir, count, 1)[0]
+        fp32 = loaded["export_fp32"]
+        batch = eager_batch(fp32.encode(rank_request_rows(body, fp32.encoder.schema)).inputs, schema.sparse,
+                            schema.sequence)
+        with torch.inference_mode():
+            row: dict[str, Any] = {"eager": timed(lambda b=batch: model(b), args.iters, args.warmup)}
+        for name, artifact in loaded.items():
+            inputs = artifact.encode(rank_request_rows(body, artifact.encoder.schema)).inputs
+            row[name] = timed(lambda a=artifact, x=inputs: a.logits(x), args.iters, args.warmup)
+        service = RankingService(loaded["aoti_fp32"], ServeConfig())
+        raw = json.dumps(body).encode()
+        row["end_to_end_aoti_fp32"] = timed(lambda s=service, r=raw: s.rank(r), args.iters, args.warmup)
+        service.close()
+        results[str(count)] = row
+        print(f"in-process {count:>4} candidates: " + ", ".join(f"{k} p99 {v['p99_ms']:.3f} ms" for k, v in row.items()),
+              flush=True)
+    return results
+
+
+def start_server(artifact: Path, backend: str) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "msit_rec.cli", "serve", "--artifact", str(artifact), "--port", "0", "--threads", "1",
+         "--backend", backend, "--quiet"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline()
+    if " on http://" not in line:
+        process.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return process, int(line.split(" on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+
+
+def post(connection: http.client.HTTPConnection, body: bytes) -> None:
+    connection.request("POST", "/rank", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}")
+
+
+def over_http(artifact: Path, backend: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    process, port = start_server(artifact, backend)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        results = {}
+        for count in CANDIDATES:
+            raw = json.dumps(rank_bodies(data_dir, count, 1)[0]).encode()
+            results[str(count)] = timed(lambda r=raw: post(connection, r), args.iters, args.warmup)
+            print(f"http {backend} {count:>4} candidates: p50 {results[str(count)]['p50_ms']:.3f} ms, "
+                  f"p99 {results[str(count)]['p99_ms']:.3f} ms", flush=True)
+        connection.close()
+        results["load"] = load_test(port, [json.dumps(b).encode() for b in rank_bodies(data_dir, 64, 32)], args)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return results
+
+
+def load_worker(port: int, bodies: list[bytes], inflight: int, seconds: float, out: Any) -> None:
+    """Second process: `inflight` keep-alive clients sending back-to-back for `seconds`."""
+    latencies: list[list[float]] = [[] for _ in range(inflight)]
+    stop_at = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        i = k
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            post(connection, bodies[i % len(bodies)])
+            latencies[k].append(time.perf_counter() - start)
+            i += inflight
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(inflight)]
+    begin = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - begin
+    flat = [x for part in latencies for x in part]
+    out.put({"inflight": inflight, "candidates": 64, "seconds": elapsed, "requests": len(flat),
+             "requests_per_s": len(flat) / elapsed, **percentiles(flat)})
+
+
+def load_test(port: int, bodies: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=load_worker, args=(port, bodies, args.inflight, args.seconds, queue))
+    worker.start()
+    result = queue.get(timeout=args.seconds + 120)
+    worker.join()
+    metrics = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    metrics.request("GET", "/metrics")
+    result["server_requests_per_model_call"] = json.loads(metrics.getresponse().read())["requests_per_model_call"]
+    print(f"load: {result['requests_per_s']:.0f} requests/s with {args.inflight} in flight (64 candidates), "
+          f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms", flush=True)
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = result["in_process"]
+    variants = list(next(iter(rows.values())))
+    lines = [f"{'in-process, 1 thread':<24}" + "".join(f"{c + ' cand p50/p99 ms':>26}" for c in rows)]
+    for name in variants:
+        lines.append(f"{name:<24}" + "".join(f"{rows[c][name]['p50_ms']:>13.3f}{rows[c][name]['p99_ms']:>13.3f}"
+                                             for c in rows))
+    for backend, http_rows in result["http"].items():
+        lines.append(f"{'http ' + backend:<24}" + "".join(
+            f"{http_rows[c]['p50_ms']:>13.3f}{http_rows[c]['p99_ms']:>13.3f}" for c in rows))
+        load = http_rows["load"]
+        lines.append(f"  load ({backend}, {load['inflight']} in flight, 64 cand): {load['requests_per_s']:.0f} req/s, "
+                     f"p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
+                     f"{load['server_requests_per_model_call']:.2f} requests per model call")
+    target = result["target"]
+    lines.append(f"target: p99(512 candidates, AOTI fp32, in-process, 1 thread) = {target['measured_p99_ms']:.3f} ms "
+                 f"< {TARGET_P99_MS} ms: {'met' if target['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="a `msit-rec fit` run directory (default: train a small one)")
+    parser.add_argument("--quick", action="store_true", help="small world, fewer iterations, no int8 AOTI")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/bench_serve.json")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--inflight", type=int, default=8, help="concurrent clients of the load test")
+    parser.add_argument("--seconds", type=float, default=None, help="duration of the load test")
+    args = parser.parse_args()
+    args.iters = args.iters or (200 if args.quick else 1000)
+    args.seconds = args.seconds or (5.0 if args.quick else 20.0)
+    import logging
+    logging.disable(logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        run = args.run or train_run(root, args.quick)
+        print(f"run ready in {time.perf_counter() - start:.1f} s: {run}", flush=True)
+        from msit_rec.evaluate import read_run
+
+        data_dir = read_run(run).data_dir
+        artifacts = export_artifacts(run, root, args.quick)
+        result: dict[str, Any] = {
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_avg": os.getloadavg()},
+            "settings": {"quick": args.quick, "iters": args.iters, "warmup": args.warmup, "inflight": args.inflight,
+                         "seconds": args.seconds, "run": str(args.run) if args.run else "generated"},
+            "in_process": in_process(artifacts, run, data_dir, args),
+            "http": {"aoti_fp32": over_http(artifacts["fp32"], "aoti", data_dir, args)},
+        }
+        if not args.quick:
+            result["http"]["export_fp32"] = over_http(artifacts["fp32"], "export", data_dir, args)
+        manifest = json.loads((artifacts["int8"] / "manifest.json").read_text())
+        result["int8_parity"] = manifest.get("parity")
+    measured = result["in_process"]["512"]["aoti_fp32"]["p99_ms"]
+    result["target"] = {"p99_ms": TARGET_P99_MS, "measured_p99_ms": measured, "met": measured < TARGET_P99_MS}
+    print(table(result))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

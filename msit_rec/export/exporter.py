@@ -1,0 +1,135 @@
+"""`msit-rec export`: a trained run's checkpoint → a self-contained serving artifact, checked for parity.
+
+Steps: load the (possibly N-process, sharded) checkpoint unsharded into one process; build the `ServingModel`
+with the chosen table precisions; `torch.export` it (optionally AOTInductor-compile it); copy dataset.json and
+the vocabularies; score the split with the eager model and the program *loaded back from disk*; write the
+manifest (with the parity report) last. A failed parity leaves the artifact marked `passed: false` and raises,
+unless the gate is switched off.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+import torch
+
+import msit_rec
+from msit_rec.config import to_dict
+from msit_rec.data.loader import ExamplesDataset, make_loader
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.errors import ConfigError, DataError
+from msit_rec.evaluate import HOST, check_dataset, load_model, read_run, resolve_checkpoint
+from msit_rec.export.artifact_files import claim_artifact_dir, copy_data_files, hash_files
+from msit_rec.export.inputs import batch_to_inputs, input_schema
+from msit_rec.export.parity import ParityBounds, describe_parity, paired_logits, parity_report
+from msit_rec.export.precision import parse_precision
+from msit_rec.export.program import compile_aoti, export_program, load_program, save_program
+from msit_rec.export.serving_model import ServingModel, embedding_table_names
+from msit_rec.serving.contract import AOTI_FILE, ARTIFACT_VERSION, PROGRAM_FILE, InputSchema, Manifest, ParityReport
+
+EXAMPLE_ROWS = 16  # rows traced by torch.export (any number ≥ 2: the batch dimension stays symbolic)
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    checkpoint: str = "best",
+    precision: str | dict[str, str] = "fp32",
+    aoti: bool = False,
+    split: str = "test",
+    parity_rows: int | None = None,
+    batch_size: int = 8192,
+    max_logit_diff: float | None = None,
+    max_auc_drop: float | None = None,
+    parity_gate: bool = True,
+    overwrite: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Write the artifact of `run_dir`'s checkpoint to `out_dir` and return its manifest.
+
+    `precision`: see `parse_precision`. Parity bounds: by default |Δ logit| ≤ 1e-5 when every table is fp32,
+    else per-scenario AUC drop ≤ 0.001; `max_logit_diff` / `max_auc_drop` set (and switch on) either bound.
+    `parity_gate=False` keeps a failed artifact without raising. `device`: where the program's weights live
+    (default the host CPU, where serving runs).
+    """
+    if parity_rows is not None and parity_rows < 1:
+        raise ConfigError(f"--parity_rows must be ≥ 1 (or omitted for every row), got {parity_rows}")
+    device = device if device is not None else HOST
+    out_dir = Path(out_dir)
+    run = read_run(run_dir)
+    meta = DatasetMeta.load(run.data_dir)
+    check_dataset(run, meta, run.data_dir)
+    tables = parse_precision(precision, embedding_table_names(meta))
+    if split not in meta.splits:
+        raise ConfigError(f"--split {split!r}: the dataset has splits {list(meta.splits)}")
+    ckpt = resolve_checkpoint(run, checkpoint)
+    model = load_model(run, ckpt, meta, device)
+    schema = input_schema(meta)
+    dataset = ExamplesDataset(run.data_dir, split, batch_size)
+
+    claim_artifact_dir(out_dir, overwrite)
+    serving = ServingModel(model, meta, tables)
+    save_program(export_program(serving, _example_inputs(dataset, schema, device)), out_dir / PROGRAM_FILE)
+    programs = [PROGRAM_FILE]
+    if aoti:
+        compile_aoti(torch.export.load(out_dir / PROGRAM_FILE), out_dir / AOTI_FILE)
+        programs.append(AOTI_FILE)
+    written = programs + copy_data_files(meta, run.data_dir, out_dir)
+
+    bounds = ParityBounds.for_precision(tables).overridden(max_logit_diff, max_auc_drop)
+    infos = [table.info() for table in serving.tables.values()]
+    table_bytes = (sum(t.fp32_bytes for t in infos), sum(t.bytes for t in infos))
+    checked = {}
+    for name in programs:  # each loaded back from disk: the files serving will run
+        pairs = paired_logits(model, load_program(out_dir / name), make_loader(dataset), schema, device,
+                              parity_rows, len(dataset), progress)
+        checked[name] = parity_report(pairs, split, meta.scenarios, bounds, *table_bytes)
+    manifest = Manifest(
+        artifact_version=ARTIFACT_VERSION,
+        created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        versions={"torch": torch.__version__, "msit_rec": msit_rec.__version__, "python": platform.python_version()},
+        run_dir=str(Path(run_dir).resolve()),
+        checkpoint=str(ckpt.resolve()),
+        dataset_name=meta.name,
+        dataset_hash=meta.content_hash,
+        model=to_dict(run.model),
+        inputs=schema,
+        tables=infos,
+        files=hash_files(out_dir, written),
+        aoti=aoti,
+        parity=_worst(checked),
+        notes=[*_parity_notes(checked), "the scenario embedding (S rows) is a dense module and always fp32"],
+    )
+    manifest.save(out_dir)
+    if parity_gate and not manifest.parity.passed:
+        raise DataError(
+            f"export parity FAILED; the artifact in {out_dir} is marked passed: false in its manifest "
+            f"(pass --no_parity_gate to keep it deliberately)\n{describe_parity(manifest.parity)}"
+        )
+    return manifest
+
+
+def _example_inputs(dataset: ExamplesDataset, schema: InputSchema, device: torch.device) -> tuple[torch.Tensor, ...]:
+    batch = next(iter(make_loader(dataset))).to(device)
+    inputs = batch_to_inputs(batch, schema)
+    repeats = -(-EXAMPLE_ROWS // inputs[0].shape[0])  # a 1-row split still gives a symbolic batch
+    return tuple(t.repeat_interleave(repeats, dim=0)[:EXAMPLE_ROWS] for t in inputs)
+
+
+def _worst(reports: dict[str, ParityReport]) -> ParityReport:
+    """The portable program's report, unless the AOTInductor package did worse (then that one)."""
+    ordered = list(reports.values())
+    failing = [r for r in ordered if not r.passed]
+    return failing[0] if failing else max(ordered, key=lambda r: r.max_abs_logit_diff)
+
+
+def _parity_notes(reports: dict[str, ParityReport]) -> list[str]:
+    return [
+        f"{name}: max |Δ logit| {report.max_abs_logit_diff:.3g} on {report.rows} rows, "
+        f"{'passed' if report.passed else 'FAILED'}"
+        for name, report in reports.items()
+    ]

@@ -1,0 +1,136 @@
+"""`ServingModel`: the trained RankingModel over the artifact's plain tensors, exportable with `torch.export`.
+
+The dense modules (scenario embedding, behaviour gate, target attention, tower) are the trained ones, copied;
+the TorchRec tables become `ServingTable`s (fp32/fp16/int8 buffers). Jagged inputs are what most often breaks
+export, so behaviours arrive padded `[B, H, L]` with their lengths: positions past `hist_len` are zeroed by
+mask (whatever the table's row 0 or the request holds there) and masked out of the attention, so only the real
+behaviours count, as in RankingModel, which never looks padding up. The padded gate/attention forwards run here
+(they export and are as fast as the packed ones at serving sizes); `forward` mirrors RankingModel.forward after
+the lookups, and the parity tests keep the two in step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.embeddings import BatchEmbeddings, EmbeddingLayout, SequencePath
+from msit_rec.export.inputs import input_schema
+from msit_rec.export.tables import ServingTable
+from msit_rec.model import RankingModel
+from msit_rec.modules.target_attention import lengths_to_mask
+from msit_rec.serving.contract import Precision
+
+OWN_SCENARIO = "hist_scenario"  # the sequence the behaviour gate reads
+
+
+@dataclass(frozen=True)
+class ServingSlot:
+    """One behaviour sequence: its table, its row in `history` and the target's column in `sparse` (or None)."""
+
+    table: str
+    history_row: int
+    target_column: int | None
+    dim: int
+
+
+def embedding_table_names(meta: DatasetMeta) -> list[str]:
+    """The TorchRec tables a model of `meta` has (what `--precision` may name); the scenario table is not one."""
+    layout = EmbeddingLayout.from_meta(meta)
+    names = [meta.feature(name).table or name for name in layout.bag_features] + [slot.table for slot in layout.slots]
+    return list(dict.fromkeys(names))
+
+
+def table_weights(embeddings: BatchEmbeddings) -> dict[str, torch.Tensor]:
+    """table name → full fp32 weight [R, D] of every TorchRec table of the (unsharded) model."""
+    modules = []
+    if embeddings.bags is not None:
+        modules.append(embeddings.bags.embedding_bags)
+    if embeddings.path is SequencePath.EMBEDDING_COLLECTION:
+        modules.append(embeddings.sequences.embeddings)
+    else:
+        modules.append(embeddings.sequences.embedding_bags)
+    return {name: table.weight.detach() for tables in modules for name, table in tables.items()}
+
+
+def bag_feature_order(embeddings: BatchEmbeddings) -> list[str]:
+    """Features in the order the EmbeddingBagCollection concatenates them: grouped by table, tables in order."""
+    if embeddings.bags is None:
+        return []
+    return [name for config in embeddings.bags.embedding_bag_configs() for name in config.feature_names]
+
+
+class ServingModel(nn.Module):
+    """Logits [B] from (sparse [B, Fs], history [B, H, L], hist_len [B], scenario [B], dense [B, Fd])."""
+
+    def __init__(self, model: RankingModel, meta: DatasetMeta, precision: dict[str, Precision]) -> None:
+        super().__init__()
+        schema = input_schema(meta)
+        layout = model.embeddings.layout
+        weights = table_weights(model.embeddings)
+        self.tables = nn.ModuleDict(
+            {name: ServingTable(name, weight, precision.get(name, "fp32")) for name, weight in weights.items()}
+        )
+        self.bag_columns = [  # (table, column of sparse) in the trained model's pooled order
+            (meta.feature(name).table or name, schema.sparse.index(name)) for name in bag_feature_order(model.embeddings)
+        ]
+        self.slots = [
+            ServingSlot(
+                slot.table,
+                schema.sequence.index(slot.sequence),
+                schema.sparse.index(slot.target) if slot.target else None,
+                slot.dim,
+            )
+            for slot in layout.slots
+        ]
+        self.max_len = layout.max_len
+        self.parts = model.parts
+        self.own_scenario_row = schema.sequence.index(OWN_SCENARIO) if model.gate is not None else None
+        self.scenario_embedding = copy.deepcopy(model.scenario_embedding)
+        self.gate = copy.deepcopy(model.gate)
+        self.attention = copy.deepcopy(model.attention)
+        self.tower = copy.deepcopy(model.tower)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(
+        self,
+        sparse: torch.Tensor,  # [B, Fs] int64
+        history: torch.Tensor,  # [B, H, L] int64
+        hist_len: torch.Tensor,  # [B] int64
+        scenario: torch.Tensor,  # [B] int64
+        dense: torch.Tensor,  # [B, Fd] float32
+    ) -> torch.Tensor:  # [B] logits
+        batch = sparse.shape[0]
+        mask = lengths_to_mask(hist_len, self.max_len)  # [B, L]
+        pooled = (
+            torch.cat([self.tables[table](sparse[:, column]) for table, column in self.bag_columns], dim=-1)
+            if self.bag_columns else dense.new_zeros((batch, 0))
+        )  # [B, Fu]
+        targets, sequences = [], []
+        for slot in self.slots:
+            table = self.tables[slot.table]
+            rows = table(history[:, slot.history_row])  # [B, L, d]
+            sequences.append(torch.where(mask[..., None], rows, 0.0))
+            targets.append(
+                table(sparse[:, slot.target_column]) if slot.target_column is not None else rows.new_zeros(batch, slot.dim)
+            )
+        target = torch.cat(targets, dim=-1)  # [B, D]
+        behaviours = torch.cat(sequences, dim=-1)  # [B, L, D]
+        scenario_emb = self.scenario_embedding(scenario) if self.scenario_embedding is not None else None  # [B, E]
+        if self.gate is not None:
+            own = torch.where(mask, history[:, self.own_scenario_row], 0)  # [B, L]
+            behaviours = self.gate(behaviours, own, scenario, self.scenario_embedding.weight)
+        if self.attention is not None:
+            attention_scenario = scenario_emb if self.parts.attention_scenario else None
+            interest = self.attention(behaviours, target, mask, attention_scenario)  # [B, D]
+        else:
+            interest = behaviours.sum(dim=1)  # padded positions are zero rows
+        features = [pooled, target, interest, dense]
+        if self.parts.scenario_input:
+            features.append(scenario_emb)
+        return self.tower(torch.cat(features, dim=-1), scenario_emb, scenario)

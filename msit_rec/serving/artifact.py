@@ -1,0 +1,134 @@
+"""Loading an export artifact: manifest, file hashes, program (torch.export or AOTInductor) and request encoder.
+
+This is the one place the serving side touches the artifact's files; it needs torch, numpy and pyarrow only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from msit_rec.data.spec import DatasetMeta
+from msit_rec.errors import ConfigError, DataError
+from msit_rec.serving.contract import AOTI_FILE, DATASET_FILE, PROGRAM_FILE, Manifest
+from msit_rec.serving.encoder import Encoded, RequestEncoder
+from msit_rec.serving.program_inputs import ProgramInputs
+from msit_rec.serving.request import RawRows
+
+Backend = Literal["auto", "export", "aoti"]
+BACKENDS = ("auto", "export", "aoti")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(root: Path, files: dict[str, str]) -> None:
+    """Every file the manifest lists exists with its recorded sha256 (a copied or edited artifact fails here)."""
+    for relative, expected in files.items():
+        path = root / relative
+        if not path.is_file():
+            raise DataError(f"artifact {root}: file {relative} listed in manifest.json is missing")
+        found = sha256_file(path)
+        if found != expected:
+            raise DataError(
+                f"artifact {root}: file {relative} has sha256 {found}, manifest.json expects {expected}; "
+                "the artifact was changed after export — export it again"
+            )
+
+
+@dataclass
+class RankingArtifact:
+    """A loaded artifact: `encode` raw rows, then `logits`/`scores` of the encoded inputs."""
+
+    root: Path
+    manifest: Manifest
+    meta: DatasetMeta
+    encoder: RequestEncoder
+    backend: Literal["export", "aoti"]
+    program: Callable[..., Any]
+    device: torch.device | None  # where the program's weights live; None = where export left them (the host)
+
+    def encode(self, rows: RawRows) -> Encoded:
+        return self.encoder.encode(rows)
+
+    def logits(self, inputs: ProgramInputs) -> torch.Tensor:
+        """float32 logits [B] on the host (no grad)."""
+        with torch.inference_mode():
+            out = self.program(*(inputs if self.device is None else inputs.to(self.device)).args())
+            if isinstance(out, (list, tuple)):  # AOTInductor returns the flat outputs
+                out = out[0]
+            return out.float().cpu()
+
+    def scores(self, inputs: ProgramInputs) -> torch.Tensor:
+        """Click probabilities [B] (sigmoid of the logits)."""
+        return torch.sigmoid(self.logits(inputs))
+
+    def info(self) -> dict[str, Any]:
+        """What /health and `predict` report about the artifact."""
+        return {
+            "artifact": str(self.root),
+            "backend": self.backend,
+            "dataset": self.manifest.dataset_name,
+            "model": self.manifest.model.get("variant"),
+            "created_at": self.manifest.created_at,
+            "scenarios": list(self.manifest.inputs.scenarios),
+            "max_len": self.manifest.inputs.max_len,
+            "tables": {t.name: t.precision for t in self.manifest.tables},
+            "torch": torch.__version__,
+        }
+
+
+def load_artifact(
+    artifact_dir: str | Path,
+    backend: Backend = "auto",
+    threads: int | None = None,
+    device: torch.device | str | None = None,
+    verify: bool = True,
+) -> RankingArtifact:
+    """Load an artifact written by `msit-rec export`.
+
+    `backend`: `aoti` (the AOTInductor package; fastest, tied to the torch build and device that compiled it),
+    `export` (the portable torch.export program, movable to `device`) or `auto` (aoti when the artifact has it).
+    `threads` sets torch's intra-op threads for this process. `verify` checks every file's sha256 first.
+    """
+    root = Path(artifact_dir)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
+    manifest = Manifest.load(root)
+    if verify:
+        verify_files(root, manifest.files)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads {threads}: expected ≥ 1")
+        torch.set_num_threads(threads)
+    chosen = "aoti" if backend == "auto" and (root / AOTI_FILE).is_file() else ("export" if backend == "auto" else backend)
+    if chosen == "aoti" and not (root / AOTI_FILE).is_file():
+        raise DataError(f"artifact {root}: backend aoti asked, but it has no {AOTI_FILE} (export with --aoti)")
+    device = torch.device(device) if device is not None else None
+    if device is not None and chosen == "aoti":
+        raise ConfigError("an AOTInductor package runs on the device it was compiled for; use backend export to move")
+    meta = DatasetMeta.load(root / DATASET_FILE)
+    encoder = RequestEncoder(meta, manifest.inputs, root)
+    program = _load_program(root, chosen)
+    if device is not None:
+        program = program.to(device)
+    return RankingArtifact(root, manifest, meta, encoder, chosen, program, device)
+
+
+def _load_program(root: Path, backend: str) -> Callable[..., Any]:
+    if backend == "aoti":
+        return torch._inductor.aoti_load_package(str(root / AOTI_FILE))
+    path = root / PROGRAM_FILE
+    if not path.is_file():
+        raise DataError(f"artifact {root}: no {PROGRAM_FILE}")
+    return torch.export.load(path).module()

@@ -1,0 +1,174 @@
+"""`msit-rec predict`: score a file of raw request rows (Parquet or JSON lines) with an artifact, in batches.
+
+The output holds the input rows unchanged plus `logit` and `score` (replacing columns of those names), in the
+format its extension names (.parquet, or .jsonl/.ndjson). Rows follow the request schema of
+msit_rec/serving/request.py, one self-contained row (with its `history`) each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from msit_rec.errors import ConfigError, DataError
+from msit_rec.serving.artifact import RankingArtifact
+from msit_rec.serving.request import RawRows, RequestError, arrow_rows, record_rows
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+OUTPUT_COLUMNS = ("logit", "score")
+
+
+@dataclass
+class PredictSummary:
+    rows: int
+    seconds: float
+    oov: Counter  # feature → ids encoded as OOV
+
+    def table(self) -> str:
+        lines = [f"scored {self.rows:,} rows in {self.seconds:.2f}s ({self.rows / max(self.seconds, 1e-9):,.0f} rows/s)"]
+        if any(self.oov.values()):
+            lines.append("OOV ids per feature: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.oov.items()) if v))
+        else:
+            lines.append("OOV ids: none")
+        return "\n".join(lines)
+
+
+def file_format(path: Path, role: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    raise ConfigError(f"{role} {path}: unknown extension {suffix!r}; expected one of "
+                      f"{list(PARQUET_SUFFIXES + JSONL_SUFFIXES)}")
+
+
+def predict_file(
+    artifact: RankingArtifact,
+    input_path: str | Path,
+    out_path: str | Path,
+    batch_size: int = 4096,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PredictSummary:
+    input_path, out_path = Path(input_path), Path(out_path)
+    in_format, out_format = file_format(input_path, "--input"), file_format(out_path, "--out")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size {batch_size}: expected ≥ 1")
+    if not input_path.is_file():
+        raise DataError(f"--input {input_path}: no such file")
+    if out_path.resolve() == input_path.resolve():
+        raise ConfigError(f"--out {out_path}: is the input file; write the scores elsewhere")
+    if out_path.exists() and not overwrite:
+        raise DataError(f"--out {out_path}: exists; pass --overwrite to replace it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    oov: Counter = Counter()
+    rows = 0
+    total = pq.ParquetFile(input_path).metadata.num_rows if in_format == "parquet" else None
+    bar = tqdm(total=total, desc="predict", unit="rows", disable=not progress)
+    writer = _Writer(out_path, out_format)
+    try:
+        for raw, table in _batches(input_path, in_format, artifact, batch_size):
+            encoded = artifact.encode(raw)
+            logits = artifact.logits(encoded.inputs)  # [B]
+            writer.write(table, logits.numpy(), (1.0 / (1.0 + (-logits.double()).exp())).numpy())
+            oov.update(encoded.oov)
+            rows += raw.size
+            bar.update(raw.size)
+    finally:
+        bar.close()
+        writer.close()
+    if rows == 0:
+        raise DataError(f"--input {input_path}: no rows to score")
+    return PredictSummary(rows, time.perf_counter() - start, oov)
+
+
+def _batches(
+    path: Path, in_format: str, artifact: RankingArtifact, batch_size: int
+) -> Iterator[tuple[RawRows, pa.RecordBatch | list[dict[str, Any]]]]:
+    schema = artifact.encoder.schema
+    first = 0
+    if in_format == "parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            yield _located(path, arrow_rows, batch, schema, first), batch
+            first += batch.num_rows
+        return
+    records: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RequestError(f"{path}: line {number}: invalid JSON ({exc})") from None
+            if len(records) == batch_size:
+                yield _located(path, record_rows, records, schema, first), records
+                first += len(records)
+                records = []
+    if records:
+        yield _located(path, record_rows, records, schema, first), records
+
+
+def _located(path: Path, parse: Callable[..., RawRows], *args: Any) -> RawRows:
+    """Schema errors name the file too (rows[i] counts data rows from 0)."""
+    try:
+        return parse(*args)
+    except RequestError as exc:
+        raise RequestError(f"{path}: {exc}") from None
+
+
+class _Writer:
+    """Input rows + logit/score, appended batch by batch in the output format."""
+
+    def __init__(self, path: Path, out_format: str) -> None:
+        self.path = path
+        self.format = out_format
+        self._parquet: pq.ParquetWriter | None = None
+        self._tables: list[pa.Table] = []  # JSON rows → Parquet: schemas are unified once at the end
+        self._text = open(path, "w", encoding="utf-8") if out_format == "jsonl" else None  # noqa: SIM115 (closed in close())
+
+    def write(self, rows: pa.RecordBatch | list[dict[str, Any]], logits: Any, scores: Any) -> None:
+        if self._text is not None:
+            records = rows.to_pylist() if isinstance(rows, pa.RecordBatch) else rows
+            for record, logit, score in zip(records, logits.tolist(), scores.tolist()):
+                record = {**record, "logit": logit, "score": score}
+                self._text.write(json.dumps(record, default=str) + "\n")
+            return
+        table = pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else _json_table(rows)
+        table = table.drop_columns([c for c in OUTPUT_COLUMNS if c in table.column_names])
+        table = table.append_column("logit", pa.array(logits, pa.float32()))
+        table = table.append_column("score", pa.array(scores, pa.float64()))
+        if isinstance(rows, list):
+            self._tables.append(table)
+            return
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self.path, table.schema)
+        self._parquet.write_table(table)
+
+    def close(self) -> None:
+        if self._text is not None:
+            self._text.close()
+        if self._tables:
+            pq.write_table(pa.concat_tables(self._tables, promote_options="permissive"), self.path)
+        if self._parquet is not None:
+            self._parquet.close()
+
+
+def _json_table(records: list[dict[str, Any]]) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"JSON rows with mixed value types cannot become a Parquet table ({exc}); "
+                        "write .jsonl output instead") from None

@@ -1,0 +1,467 @@
+"""Serving: raw requests → encoded inputs → artifact scores, `predict`, and the HTTP service on loopback.
+
+Oracles: `prepare`'s own encoded test split (decoded back to raw values through the vocabulary files, then encoded
+again: every id, history slot and length must come back), Polars' encoders of `pipelines.encode` for the cast and
+hash rules, the eager RankingModel's logits on the same prepared rows, and a serial in-process scoring of each
+HTTP request. The fresh-process test loads the artifact with torchrec, lightning and polars unimportable.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from msit_rec.data.spec import OOV_INDEX, DatasetMeta, FeatureSpec
+from msit_rec.errors import DataError
+from msit_rec.serving.contract import InputSchema
+from msit_rec.serving.encoder import IdEncoder, RequestEncoder
+from msit_rec.serving.request import RequestError, arrow_rows, rank_request_rows, record_rows
+from msit_rec.serving.vocabulary import Vocabulary
+from pipelines.config import CategoricalFeature
+from pipelines.encode import apply_map, fit_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+UNKNOWN_ID = 10**12  # larger than any raw id of the synthetic data: a raw id no vocabulary holds
+
+
+def schema_of(meta: DatasetMeta) -> InputSchema:
+    return InputSchema(
+        sparse=[f.name for f in meta.features_of_kind("sparse")],
+        sequence=[f.name for f in meta.features_of_kind("sequence")],
+        dense=[f.name for f in meta.features_of_kind("dense")],
+        max_len=meta.history.max_len,
+        scenarios=list(meta.scenarios),
+    )
+
+
+def test_int_and_text_vocabularies_cast_like_prepare(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cases = {
+        "ints": (pl.Series(rng.integers(0, 50, 400)), [3, "7", "+7", "007", " 7", "1_0", "x", None, 10**30, 49, 51]),
+        "texts": (pl.Series([f"v{i}" for i in rng.integers(0, 50, 400)] + ["12"]),
+                  ["v3", "v49", "v77", None, 12, "12", ""]),
+    }
+    for name, (train, queries) in cases.items():
+        encoder = fit_encoder(CategoricalFeature(name, name, min_count=2), train)
+        encoder.vocabulary.write_parquet(tmp_path / f"{name}.parquet")
+        vocabulary = Vocabulary.read(tmp_path / f"{name}.parquet")
+        values = [q if not isinstance(q, int) or abs(q) < 2**63 else None for q in queries]  # Polars: no big ints
+        polars_values = (pl.Series([None if v is None else str(v) for v in values]) if name == "texts"
+                         else _mixed_as_polars(values))  # what prepare's non-strict cast makes of them
+        expected = apply_map(polars_values, encoder.vocabulary, OOV_INDEX).to_list()
+        got = vocabulary.encode(queries).tolist()
+        assert got == expected, name
+    ints = np.array([3, 7, 49, 51], dtype=np.int64)  # the array path (Parquet int columns) agrees with the list path
+    assert Vocabulary.read(tmp_path / "ints.parquet").encode(ints).tolist() == \
+        Vocabulary.read(tmp_path / "ints.parquet").encode(ints.tolist()).tolist()
+
+
+def _mixed_as_polars(values: list) -> pl.Series:
+    """What a raw int column plus text requests become under prepare's non-strict cast (texts parsed by Polars)."""
+    parsed = [v if isinstance(v, int) or v is None else pl.Series([v]).cast(pl.Int64, strict=False)[0] for v in values]
+    return pl.Series(parsed, dtype=pl.Int64)
+
+
+def test_hash_encoding_matches_prepare() -> None:
+    values = [5, 17, "5", "abc", None, "ü", -3, 2**40]
+    feature = CategoricalFeature("h", "h", encoding="hash", buckets=97)
+    encoder = fit_encoder(feature, pl.Series([], dtype=pl.String))
+    spec = FeatureSpec("h", "sparse", "h", "h", encoder.cardinality, 8, "hash")
+    got = IdEncoder(spec, None).encode(values).tolist()
+    expected = encoder.encode(pl.Series([None if v is None else str(v) for v in values])).to_list()
+    assert got == expected and got[0] == got[2] and got[4] == OOV_INDEX
+    assert IdEncoder(spec, None).encode(np.array([5, 17])).tolist() == expected[:2]
+
+
+# ---- the prepared test split, decoded back to raw requests ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoded(small_examples: Path) -> dict[str, Any]:
+    """Raw JSON rows for every test example (inverse vocabularies; OOV → unknown or null; a few odd spellings),
+    the prepared frame they came from, and rows whose histories got extra older behaviours (must be cut)."""
+    meta = DatasetMeta.load(small_examples)
+    frame = pl.concat([pl.read_parquet(small_examples / f) for f in meta.splits["test"].files])
+    inverse = {}
+    for spec in meta.features_of_kind("sparse"):
+        vocab = pl.read_parquet(small_examples / spec.vocabulary)
+        inverse[spec.name] = dict(zip(vocab["index"].to_list(), vocab["raw"].to_list()))
+    columns = meta.config["columns"]
+    required = {columns["user"], columns["item"]}
+
+    def raw_id(feature: str, index: int, row: int) -> Any:
+        spec = meta.feature(feature)
+        if index == OOV_INDEX:
+            return UNKNOWN_ID + row if spec.source in required or row % 2 else None
+        value = inverse[feature][index]
+        return str(value) if row % 3 == 0 and feature == "brand" else value  # "123" for an int vocabulary
+
+    def behaviour(item: int, cat: int, scenario: int, row: int) -> dict[str, Any]:
+        return {"item_id": raw_id("item", item, row), "item_cat": raw_id("category", cat, row),
+                "scenario": meta.scenarios[scenario]}
+
+    max_len = meta.history.max_len
+    records, extended = [], []
+    for row, example in enumerate(frame.iter_rows(named=True)):
+        record = {meta.feature(f.name).source: raw_id(f.name, example[f.name], row) for f in meta.features_of_kind("sparse")}
+        for spec in meta.features_of_kind("dense"):
+            stats = meta.numeric_stats[spec.name]
+            record[spec.source] = float(example[spec.name]) * stats.std + stats.mean
+        record["scenario"] = meta.scenarios[example["scenario"]]
+        record["history"] = [behaviour(i, c, s, row) for i, c, s in
+                             zip(example["hist_item"], example["hist_cat"], example["hist_scenario"])]
+        if example["hist_len"] == max_len and row % 2 == 0:  # older behaviours beyond max_len: dropped by encoding
+            record["history"] = [behaviour(2, 2, 0, row), behaviour(3, 2, 1, row)] + record["history"]
+            extended.append(row)
+        records.append(record)
+    return {"meta": meta, "frame": frame, "records": records, "extended": extended, "root": small_examples}
+
+
+def prepared_inputs(frame: pl.DataFrame, schema: InputSchema) -> dict[str, np.ndarray]:
+    """The program inputs `prepare`'s examples stand for (history left-aligned, 0-padded)."""
+    history = np.zeros((len(frame), len(schema.sequence), schema.max_len), dtype=np.int64)
+    for h, name in enumerate(schema.sequence):
+        for row, values in enumerate(frame[name].to_list()):
+            history[row, h, : len(values)] = values
+    return {
+        "sparse": np.stack([frame[name].to_numpy() for name in schema.sparse], axis=1),
+        "history": history,
+        "hist_len": frame["hist_len"].to_numpy().astype(np.int64),
+        "scenario": frame["scenario"].to_numpy().astype(np.int64),
+        "dense": np.stack([frame[name].to_numpy() for name in schema.dense], axis=1),
+    }
+
+
+def test_encoder_reproduces_the_prepared_test_split(decoded: dict) -> None:
+    meta, frame = decoded["meta"], decoded["frame"]
+    schema = schema_of(meta)
+    encoder = RequestEncoder(meta, schema, decoded["root"])
+    encoded = encoder.encode(record_rows(decoded["records"], encoder.schema))
+    expected = prepared_inputs(frame, schema)
+    for name in ("sparse", "history", "hist_len", "scenario"):
+        np.testing.assert_array_equal(getattr(encoded.inputs, name).numpy(), expected[name], err_msg=name)
+    np.testing.assert_allclose(encoded.inputs.dense.numpy(), expected["dense"], rtol=1e-6, atol=1e-6)
+    assert decoded["extended"], "no history was long enough to test truncation"
+    oov_rows = {f.name: int((frame[f.name] == OOV_INDEX).sum()) for f in meta.features_of_kind("sparse")}
+    assert {k: encoded.oov[k] for k in oov_rows} == oov_rows and oov_rows["user"] > 0 and oov_rows["item"] > 0
+    kept = prepared_inputs(frame, schema)["history"][:, 0]  # hist_item of real slots only
+    assert encoded.oov["hist_item"] == int(((kept == OOV_INDEX)).sum())
+
+
+def test_arrow_rows_encode_like_json_rows(decoded: dict) -> None:
+    meta = decoded["meta"]
+    encoder = RequestEncoder(meta, schema_of(meta), decoded["root"])
+    records = [dict(r, brand=None if r["brand"] is None else int(r["brand"])) for r in decoded["records"][:300]]
+    table = pa.Table.from_pylist(records)
+    from_json = encoder.encode(record_rows(records, encoder.schema)).inputs
+    from_arrow = encoder.encode(arrow_rows(table, encoder.schema)).inputs
+    for a, b in zip(from_json.args(), from_arrow.args()):
+        assert torch.equal(a, b)
+
+
+def test_dense_nulls_become_zero_and_rank_requests_share_their_context(decoded: dict) -> None:
+    meta = decoded["meta"]
+    encoder = RequestEncoder(meta, schema_of(meta), decoded["root"])
+    record = dict(decoded["records"][1], price=None)
+    one = encoder.encode(record_rows([record], encoder.schema)).inputs
+    assert one.dense[0, schema_of(meta).dense.index("price")] == 0.0
+    items = ("item_id", "item_cat", "brand", "price_bucket", "price")
+    candidates = [{k: r[k] for k in items} for r in decoded["records"][:7]]
+    context = {k: v for k, v in record.items() if k not in items and k not in ("scenario", "history")}
+    body = {"scenario": record["scenario"], "context": context, "history": record["history"], "candidates": candidates}
+    rank = encoder.encode(rank_request_rows(body, encoder.schema)).inputs
+    rows = [{**record, **c} for c in candidates]
+    flat = encoder.encode(record_rows(rows, encoder.schema)).inputs
+    for a, b in zip(rank.args(), flat.args()):
+        assert torch.equal(a, b)
+
+
+BAD_REQUESTS = [  # (change to a valid /rank body, the field path the message must start with)
+    (lambda b: b["candidates"][3].update(item_id=[1]), "candidates[3].item_id: expected int or string, got list"),
+    (lambda b: b["candidates"][1].update(item_id=None), "candidates[1].item_id: null"),
+    (lambda b: b["candidates"][2].pop("brand"), "candidates[2].brand: missing"),
+    (lambda b: b["candidates"][0].update(price="3.5"), "candidates[0].price: expected a number"),
+    (lambda b: b.update(scenario="nowhere"), "scenario: unknown scenario 'nowhere'"),
+    (lambda b: b.pop("scenario"), "scenario: missing"),
+    (lambda b: b["context"].pop("user_id"), "candidates[0].user_id: missing"),
+    (lambda b: b["context"].update(user_id=True), "context.user_id: expected int or string, got bool"),
+    (lambda b: b["history"][0].update(scenario="mars"), "history[0].scenario: unknown scenario 'mars'"),
+    (lambda b: b["history"][1].pop("item_id"), "history[1].item_id: missing"),
+    (lambda b: b.update(history="x"), "history: expected a list"),
+    (lambda b: b.update(candidates=[]), "candidates: expected a non-empty list"),
+    (lambda b: b.update(extra=1), "extra: unknown field"),
+]
+
+
+def rank_body(decoded: dict, row: int, candidates: int) -> dict[str, Any]:
+    record = decoded["records"][row]
+    items = ("item_id", "item_cat", "brand", "price_bucket", "price")
+    others = decoded["records"][row + 1 : row + 1 + candidates]
+    return {
+        "scenario": record["scenario"],
+        "context": {k: v for k, v in record.items() if k not in items and k not in ("scenario", "history")},
+        "history": [{"item_id": 5, "item_cat": 3, "scenario": s} for s in ("home", "new")] + [dict(b) for b in record["history"]],
+        "candidates": [{k: r[k] for k in items} for r in others],
+    }
+
+
+@pytest.mark.parametrize("change,message", BAD_REQUESTS, ids=[m.split(":")[0] for _, m in BAD_REQUESTS])
+def test_bad_rank_requests_name_the_field(decoded: dict, change, message: str) -> None:
+    meta = decoded["meta"]
+    encoder = RequestEncoder(meta, schema_of(meta), decoded["root"])
+    body = rank_body(decoded, 10, 6)
+    rank_request_rows(body, encoder.schema)  # valid as built
+    change(body)
+    with pytest.raises(RequestError) as caught:
+        rank_request_rows(body, encoder.schema)
+    assert str(caught.value).startswith(message)
+
+
+# ---- with a trained run and its fp32 artifact ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(decoded: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny trained msit run, its fp32 artifact, and the eager model's logits on every test row (file order)."""
+    from msit_rec.data.loader import ExamplesDataset, make_loader
+    from msit_rec.evaluate import load_model, read_run, resolve_checkpoint
+    from msit_rec.export import export_run
+    from msit_rec.train.fit import fit
+    from tests.test_evaluate import tiny_fit_config
+
+    root = tmp_path_factory.mktemp("serving")
+    fit(tiny_fit_config("msit"), decoded["root"], root / "run")
+    export_run(root / "run", root / "artifact", progress=False)
+    run = read_run(root / "run")
+    model = load_model(run, resolve_checkpoint(run, "best"), decoded["meta"], torch.device("cpu"))
+    logits = np.zeros(len(decoded["frame"]), dtype=np.float32)
+    with torch.no_grad():
+        for batch in make_loader(ExamplesDataset(decoded["root"], "test", 4096)):
+            real = batch.weight > 0
+            logits[batch.row_index[real].numpy()] = model(batch)[real].numpy()
+    return {"artifact": root / "artifact", "eager_logits": logits, "root": root}
+
+
+@pytest.fixture(scope="module")
+def artifact(exported: dict):
+    from msit_rec.serving.artifact import load_artifact
+
+    return load_artifact(exported["artifact"], backend="export")
+
+
+def test_predict_scores_equal_the_eager_model(decoded: dict, exported: dict, tmp_path: Path) -> None:
+    from msit_rec.cli import main
+
+    def predict(source: Path, out: Path, *extra: str) -> int:
+        return main(["predict", "--artifact", str(exported["artifact"]), "--input", str(source), "--out", str(out),
+                     "--quiet", *extra])
+
+    records = decoded["records"]  # ids of one column as int and as text: JSON lines keep them as given
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert predict(tmp_path / "rows.jsonl", tmp_path / "scored.jsonl", "--batch_size", "1000") == 0
+    lines = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in ("logit", "score")} for r in lines] == records
+    logits = np.array([r["logit"] for r in lines])
+    assert np.abs(logits - exported["eager_logits"]).max() <= 1e-5
+    np.testing.assert_allclose([r["score"] for r in lines], 1 / (1 + np.exp(-logits)), rtol=1e-6)
+
+    parquet_rows = [dict(r, brand=None if r["brand"] is None else int(r["brand"])) for r in records]
+    pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "rows.parquet")
+    assert predict(tmp_path / "rows.parquet", tmp_path / "scored.parquet", "--batch_size", "777") == 0
+    scored = pq.read_table(tmp_path / "scored.parquet")
+    assert scored.drop_columns(["logit", "score"]).to_pylist() == parquet_rows
+    assert np.abs(scored.column("logit").to_numpy() - exported["eager_logits"]).max() <= 1e-5
+    assert predict(tmp_path / "rows.parquet", tmp_path / "scored.parquet") == 2  # exists, no --overwrite
+    assert predict(tmp_path / "rows.jsonl", tmp_path / "mixed.parquet") == 2  # mixed types cannot be Parquet
+
+
+def test_requests_rebuilt_from_examples_score_like_the_examples(decoded: dict, exported: dict, tmp_path: Path) -> None:
+    from msit_rec.cli import main
+
+    rows = 40
+    assert main(["requests", "--data", str(decoded["root"]), "--rows", str(rows), "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert main(["predict", "--artifact", str(exported["artifact"]), "--input", str(tmp_path / "r.jsonl"),
+                 "--out", str(tmp_path / "scored.jsonl"), "--quiet"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [line["label"] for line in lines] == decoded["frame"]["label"].head(rows).cast(pl.Int64).to_list()
+    assert np.abs(np.array([line["logit"] for line in lines]) - exported["eager_logits"][:rows]).max() <= 1e-5
+
+
+def test_a_changed_artifact_file_is_refused(exported: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from msit_rec.serving.artifact import load_artifact
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(exported["artifact"], copy)
+    vocab = min((copy / "vocab").glob("*.parquet"))
+    vocab.write_bytes(vocab.read_bytes() + b"\0")
+    with pytest.raises(DataError, match=f"file vocab/{vocab.name} has sha256"):
+        load_artifact(copy)
+
+
+FRESH_PROCESS = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torchrec", "lightning", "pytorch_lightning", "polars", "fbgemm_gpu", "pipelines"}:
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+from msit_rec.serving.artifact import load_artifact
+from msit_rec.serving.request import record_rows
+artifact = load_artifact(sys.argv[1], backend="export", threads=1)
+records = json.load(open(sys.argv[2]))
+logits = artifact.logits(artifact.encode(record_rows(records, artifact.encoder.schema)).inputs)
+loaded = sorted(m for m in sys.modules if m.startswith(("msit_rec.model", "msit_rec.train", "msit_rec.embeddings",
+                                                        "msit_rec.data.batch", "msit_rec.data.loader", "torchrec")))
+print(json.dumps({"logits": logits.tolist(), "loaded": loaded}))
+"""
+
+
+def test_a_fresh_process_without_torchrec_lightning_or_polars_scores(decoded: dict, exported: dict,
+                                                                     tmp_path: Path) -> None:
+    records = decoded["records"][:200]
+    (tmp_path / "rows.json").write_text(json.dumps(records))
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(exported["artifact"]), str(tmp_path / "rows.json")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert np.abs(np.array(result["logits"]) - exported["eager_logits"][:200]).max() <= 1e-5
+
+
+# ---- HTTP on loopback -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    from msit_rec.serving.server import RankingServer, ServeConfig
+
+    running = RankingServer(artifact, ServeConfig(port=0, max_body_bytes=200_000, max_batch_rows=256)).start()
+    yield running
+    running.shutdown()
+
+
+def call(server, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict]:
+    host, port = server.address
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    connection.close()
+    return response.status, payload
+
+
+def expected_scores(artifact, body: dict) -> list[float]:
+    """Serial, in-process: each candidate as a self-contained row (context + candidate fields + history)."""
+    rows = [{**body["context"], **c, "scenario": body["scenario"], "history": body["history"]} for c in body["candidates"]]
+    encoded = artifact.encode(record_rows(rows, artifact.encoder.schema))
+    return artifact.scores(encoded.inputs).tolist()
+
+
+def test_rank_returns_the_candidates_sorted_with_predict_scores(decoded: dict, artifact, server) -> None:
+    assert server.address[0] == "127.0.0.1"
+    body = rank_body(decoded, 40, 25)
+    status, payload = call(server, "POST", "/rank", body)
+    assert status == 200, payload
+    expected = expected_scores(artifact, body)
+    items = payload["items"]
+    assert sorted(item["index"] for item in items) == list(range(25))
+    assert [item["score"] for item in items] == sorted(expected, reverse=True)
+    for item in items:
+        assert item["score"] == pytest.approx(expected[item["index"]], abs=1e-7)
+        assert item["item_id"] == body["candidates"][item["index"]]["item_id"]
+    status, health = call(server, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["scenarios"] == decoded["meta"].scenarios
+
+
+@pytest.mark.parametrize("change,message", BAD_REQUESTS[:6], ids=[m.split(":")[0] for _, m in BAD_REQUESTS[:6]])
+def test_invalid_requests_are_400_naming_the_field(decoded: dict, server, change, message: str) -> None:
+    body = rank_body(decoded, 10, 6)
+    change(body)
+    status, payload = call(server, "POST", "/rank", body)
+    assert status == 400 and payload["error"].startswith(message)
+
+
+def test_http_errors_for_bad_json_paths_methods_and_sizes(server) -> None:
+    status, payload = call(server, "POST", "/rank", raw=b"{not json")
+    assert status == 400 and payload["error"].startswith("request body: invalid JSON")
+    assert call(server, "GET", "/nowhere")[0] == 404
+    assert call(server, "GET", "/rank")[0] == 405
+    assert call(server, "POST", "/health", body={})[0] == 405
+    status, payload = call(server, "POST", "/rank", raw=b" " * 300_000)
+    assert status == 413 and "limit is 200000" in payload["error"]
+
+
+def test_unknown_ids_score_as_oov_and_are_counted(decoded: dict, artifact, server) -> None:
+    before = call(server, "GET", "/metrics")[1]["oov"]
+    body = rank_body(decoded, 60, 5)
+    body["context"]["user_id"] = UNKNOWN_ID
+    body["candidates"][0]["item_id"] = UNKNOWN_ID + 1
+    body["candidates"][1]["item_id"] = "never-seen"
+    status, payload = call(server, "POST", "/rank", body)
+    assert status == 200 and payload["oov"]["user"] == 1 and payload["oov"]["item"] >= 2
+    assert sorted(i["score"] for i in payload["items"]) == pytest.approx(sorted(expected_scores(artifact, body)))
+    after = call(server, "GET", "/metrics")[1]
+    assert after["oov"]["user"] == before.get("user", 0) + 1
+    assert after["oov"]["item"] == before.get("item", 0) + payload["oov"]["item"]
+    assert after["responses_by_status"]["400"] >= 1 and after["latency_ms"]["p50"] > 0
+
+
+def test_concurrent_requests_are_all_answered_correctly(decoded: dict, artifact, server) -> None:
+    bodies = [rank_body(decoded, 100 + 7 * i, 3 + i % 9) for i in range(24)]
+    expected = [expected_scores(artifact, body) for body in bodies]
+    results: list[Any] = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def send(i: int) -> None:
+        start.wait()
+        results[i] = call(server, "POST", "/rank", bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (status, payload), scores in zip(results, expected):
+        assert status == 200
+        got = {item["index"]: item["score"] for item in payload["items"]}
+        assert [got[i] for i in range(len(scores))] == pytest.approx(scores, abs=1e-7)
+    metrics = call(server, "GET", "/metrics")[1]
+    assert metrics["model_calls"] >= 1 and metrics["rows_scored"] >= sum(len(s) for s in expected)
+
+
+def test_serve_cli_binds_loopback_prints_its_port_and_stops_on_sigterm(exported: dict) -> None:
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "msit_rec.cli", "serve", "--artifact", str(exported["artifact"]), "--port", "0",
+         "--backend", "export", "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert " on http://127.0.0.1:" in line, process.stderr.read()
+        port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "server stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
