@@ -33,9 +33,15 @@ demo: setup
 	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/shared.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/shared --set trainer.max_epochs=1 --quiet
 	$(BIN)/msit-rec evaluate --run $(DEMO_DIR)/msit --run $(DEMO_DIR)/shared --split test --out $(DEMO_DIR)/evaluation --overwrite --quiet
 	$(BIN)/msit-rec compare $(DEMO_DIR)/evaluation --out $(DEMO_DIR)/comparison --overwrite --quiet
+	$(BIN)/msit-rec export --run $(DEMO_DIR)/msit --out $(DEMO_DIR)/artifact --overwrite --quiet
+	$(BIN)/msit-rec export --run $(DEMO_DIR)/msit --out $(DEMO_DIR)/artifact_int8 --precision int8 --overwrite --quiet
+	$(BIN)/msit-rec requests --data $(DEMO_DIR)/examples --rows 20 --out $(DEMO_DIR)/requests.jsonl --quiet
+	$(BIN)/msit-rec predict --artifact $(DEMO_DIR)/artifact --input $(DEMO_DIR)/requests.jsonl --out $(DEMO_DIR)/scored.jsonl --overwrite --quiet
 	@echo "demo outputs under $(DEMO_DIR): raw/ (logs), examples/ (dataset.json + shards),"
 	@echo "  msit/ and shared/ (2-process runs: checkpoints/, logs/), evaluation/ (metrics.json, report.md, *.png),"
-	@echo "  comparison/ (per-scenario AUC difference with bootstrap CIs)"
+	@echo "  comparison/ (per-scenario AUC difference with bootstrap CIs), artifact/ and artifact_int8/ (serving"
+	@echo "  artifacts: manifest.json with parity), requests.jsonl -> scored.jsonl (raw requests scored by predict)."
+	@echo "  Try the service: $(BIN)/msit-rec serve --artifact $(DEMO_DIR)/artifact --port 8080"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
