@@ -27,6 +27,7 @@ from msit_rec.data.spec import OOV_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import DataError
 from msit_rec.serving.contract import InputSchema
 from msit_rec.serving.encoder import IdEncoder, RequestEncoder
+from msit_rec.serving.program_inputs import ProgramInputs
 from msit_rec.serving.request import RequestError, arrow_rows, rank_request_rows, record_rows
 from msit_rec.serving.vocabulary import Vocabulary
 from pipelines.config import CategoricalFeature
@@ -297,6 +298,27 @@ def test_requests_rebuilt_from_examples_score_like_the_examples(decoded: dict, e
     lines = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert [line["label"] for line in lines] == decoded["frame"]["label"].head(rows).cast(pl.Int64).to_list()
     assert np.abs(np.array([line["logit"] for line in lines]) - exported["eager_logits"][:rows]).max() <= 1e-5
+
+
+def test_out_of_range_inputs_are_refused_before_the_program(decoded: dict, artifact) -> None:
+    encoded = artifact.encode(record_rows(decoded["records"][:8], artifact.encoder.schema)).inputs
+    expected = artifact.logits(encoded)  # in range: accepted, and equal to the unchecked call
+    assert torch.equal(expected, artifact.logits(encoded, check=False))
+    item = decoded["meta"].feature("item")
+    column = artifact.manifest.inputs.sparse.index("item")
+    scenarios, max_len = len(decoded["meta"].scenarios), decoded["meta"].history.max_len
+    cases = {
+        "sparse": (lambda x: x.sparse[3, column].fill_(item.cardinality),
+                   rf"sparse, feature 'item'.*\[0, {item.cardinality}\)"),
+        "history": (lambda x: x.history[0, 0, 0].fill_(-1), r"history, feature 'hist_item'.*got \[-1,"),
+        "scenario": (lambda x: x.scenario.fill_(scenarios), rf"scenario.*\[0, {scenarios}\)"),
+        "hist_len": (lambda x: x.hist_len.fill_(max_len + 1), rf"hist_len.*\[0, {max_len + 1}\)"),
+    }
+    for name, (spoil, message) in cases.items():
+        bad = ProgramInputs(*(t.clone() for t in encoded.args()))
+        spoil(bad)
+        with pytest.raises(DataError, match=message):
+            artifact.logits(bad)
 
 
 def test_a_changed_artifact_file_is_refused(exported: dict, tmp_path: Path) -> None:

@@ -61,8 +61,15 @@ class RankingArtifact:
     def encode(self, rows: RawRows) -> Encoded:
         return self.encoder.encode(rows)
 
-    def logits(self, inputs: ProgramInputs) -> torch.Tensor:
-        """float32 logits [B] on the host (no grad)."""
+    def logits(self, inputs: ProgramInputs, check: bool = True) -> torch.Tensor:
+        """float32 logits [B] on the host (no grad).
+
+        `check` refuses ids outside their tables, scenarios outside [0, S) and lengths outside [0, L] with an error
+        naming the input and feature: the program does not bounds-check its lookups (the AOTInductor package would
+        read out of bounds). Inputs made by `encode` are in range by construction, so its callers skip the check.
+        """
+        if check:
+            check_ranges(inputs, self.meta, self.manifest)
         with torch.inference_mode():
             out = self.program(*(inputs if self.device is None else inputs.to(self.device)).args())
             if isinstance(out, (list, tuple)):  # AOTInductor returns the flat outputs
@@ -86,6 +93,24 @@ class RankingArtifact:
             "tables": {t.name: t.precision for t in self.manifest.tables},
             "torch": torch.__version__,
         }
+
+
+def check_ranges(inputs: ProgramInputs, meta: DatasetMeta, manifest: Manifest) -> None:
+    """DataError naming the first input column with a value the program cannot look up."""
+    schema = manifest.inputs
+    columns = [
+        *(("sparse", name, inputs.sparse[:, i], meta.feature(name).cardinality) for i, name in enumerate(schema.sparse)),
+        *(("history", name, inputs.history[:, h], meta.feature(name).cardinality)
+          for h, name in enumerate(schema.sequence)),
+        ("scenario", "scenario", inputs.scenario, len(schema.scenarios)),
+        ("hist_len", "hist_len", inputs.hist_len, schema.max_len + 1),
+    ]
+    for tensor_name, feature, values, limit in columns:
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit):
+            raise DataError(
+                f"input {tensor_name}, feature '{feature}': values must lie in [0, {limit}), got "
+                f"[{int(values.min())}, {int(values.max())}]; encode raw requests with `encode` (unknown ids → OOV)"
+            )
 
 
 def load_artifact(

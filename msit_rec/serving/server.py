@@ -52,7 +52,8 @@ class RankingService:
         self.config = config
         self.metrics = ServerMetrics()
         self.batcher = MicroBatcher(
-            artifact.logits, config.max_batch_rows, config.batch_wait_ms / 1000.0, self.metrics.record_batch
+            lambda inputs: artifact.logits(inputs, check=False),  # encoded requests only: ids in range
+            config.max_batch_rows, config.batch_wait_ms / 1000.0, self.metrics.record_batch
         )
         self.started = time.time()
 
