@@ -44,6 +44,7 @@ class MicroBatcher:
         self._on_batch = on_batch  # (requests, rows) of every model call, for metrics
         self._queue: queue.Queue = queue.Queue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
+        self._threads = torch.get_num_threads()  # as set in the creating thread (e.g. `serve --threads`)
         self._worker = threading.Thread(target=self._loop, name="msit-rec-model", daemon=True)
         self._worker.start()
 
@@ -64,6 +65,10 @@ class MicroBatcher:
         self._worker.join()
 
     def _loop(self) -> None:
+        # OpenMP's thread count is per calling thread: a new thread starts with one OpenMP worker per core, whatever
+        # the process set. Without this, every model call of a `--threads 1` server woke a second, spinning team
+        # (measured: 1-candidate /rank 2.7 ms instead of 1.3 ms in-process).
+        torch.set_num_threads(self._threads)
         while True:
             first = self._carry if self._carry is not None else self._queue.get()
             self._carry = None
