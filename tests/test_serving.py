@@ -25,6 +25,7 @@ import torch
 
 from msit_rec.data.spec import OOV_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import DataError
+from msit_rec.export.inputs import input_schema
 from msit_rec.serving.contract import InputSchema
 from msit_rec.serving.encoder import IdEncoder, RequestEncoder
 from msit_rec.serving.program_inputs import ProgramInputs
@@ -35,16 +36,6 @@ from pipelines.encode import apply_map, fit_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 UNKNOWN_ID = 10**12  # larger than any raw id of the synthetic data: a raw id no vocabulary holds
-
-
-def schema_of(meta: DatasetMeta) -> InputSchema:
-    return InputSchema(
-        sparse=[f.name for f in meta.features_of_kind("sparse")],
-        sequence=[f.name for f in meta.features_of_kind("sequence")],
-        dense=[f.name for f in meta.features_of_kind("dense")],
-        max_len=meta.history.max_len,
-        scenarios=list(meta.scenarios),
-    )
 
 
 def test_int_and_text_vocabularies_cast_like_prepare(tmp_path: Path) -> None:
@@ -147,7 +138,7 @@ def prepared_inputs(frame: pl.DataFrame, schema: InputSchema) -> dict[str, np.nd
 
 def test_encoder_reproduces_the_prepared_test_split(decoded: dict) -> None:
     meta, frame = decoded["meta"], decoded["frame"]
-    schema = schema_of(meta)
+    schema = input_schema(meta)
     encoder = RequestEncoder(meta, schema, decoded["root"])
     encoded = encoder.encode(record_rows(decoded["records"], encoder.schema))
     expected = prepared_inputs(frame, schema)
@@ -163,7 +154,7 @@ def test_encoder_reproduces_the_prepared_test_split(decoded: dict) -> None:
 
 def test_arrow_rows_encode_like_json_rows(decoded: dict) -> None:
     meta = decoded["meta"]
-    encoder = RequestEncoder(meta, schema_of(meta), decoded["root"])
+    encoder = RequestEncoder(meta, input_schema(meta), decoded["root"])
     records = [dict(r, brand=None if r["brand"] is None else int(r["brand"])) for r in decoded["records"][:300]]
     table = pa.Table.from_pylist(records)
     from_json = encoder.encode(record_rows(records, encoder.schema)).inputs
@@ -174,10 +165,10 @@ def test_arrow_rows_encode_like_json_rows(decoded: dict) -> None:
 
 def test_dense_nulls_become_zero_and_rank_requests_share_their_context(decoded: dict) -> None:
     meta = decoded["meta"]
-    encoder = RequestEncoder(meta, schema_of(meta), decoded["root"])
+    encoder = RequestEncoder(meta, input_schema(meta), decoded["root"])
     record = dict(decoded["records"][1], price=None)
     one = encoder.encode(record_rows([record], encoder.schema)).inputs
-    assert one.dense[0, schema_of(meta).dense.index("price")] == 0.0
+    assert one.dense[0, input_schema(meta).dense.index("price")] == 0.0
     items = ("item_id", "item_cat", "brand", "price_bucket", "price")
     candidates = [{k: r[k] for k in items} for r in decoded["records"][:7]]
     context = {k: v for k, v in record.items() if k not in items and k not in ("scenario", "history")}
@@ -221,7 +212,7 @@ def rank_body(decoded: dict, row: int, candidates: int) -> dict[str, Any]:
 @pytest.mark.parametrize("change,message", BAD_REQUESTS, ids=[m.split(":")[0] for _, m in BAD_REQUESTS])
 def test_bad_rank_requests_name_the_field(decoded: dict, change, message: str) -> None:
     meta = decoded["meta"]
-    encoder = RequestEncoder(meta, schema_of(meta), decoded["root"])
+    encoder = RequestEncoder(meta, input_schema(meta), decoded["root"])
     body = rank_body(decoded, 10, 6)
     rank_request_rows(body, encoder.schema)  # valid as built
     change(body)
@@ -314,7 +305,7 @@ def test_out_of_range_inputs_are_refused_before_the_program(decoded: dict, artif
         "scenario": (lambda x: x.scenario.fill_(scenarios), rf"scenario.*\[0, {scenarios}\)"),
         "hist_len": (lambda x: x.hist_len.fill_(max_len + 1), rf"hist_len.*\[0, {max_len + 1}\)"),
     }
-    for name, (spoil, message) in cases.items():
+    for spoil, message in cases.values():
         bad = ProgramInputs(*(t.clone() for t in encoded.args()))
         spoil(bad)
         with pytest.raises(DataError, match=message):
