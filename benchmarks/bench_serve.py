@@ -152,15 +152,16 @@ def eager_batch(inputs: Any, sparse_keys: list[str], sequence_keys: list[str]) -
     from msit_rec.data.batch import Batch, keyed_jagged
 
     rows = inputs.rows
-    lengths = inputs.hist_len  # [B]
-    real = torch.arange(inputs.history.shape[2])[None, :] < lengths[:, None]  # [B, L]
-    sequence_values = torch.cat([inputs.history[:, h][real] for h in range(len(sequence_keys))])
+    history = inputs.history.index_select(0, inputs.context)  # [B, H, L]: every row with its context's history
+    lengths = inputs.hist_len.index_select(0, inputs.context)  # [B]
+    real = torch.arange(history.shape[2])[None, :] < lengths[:, None]  # [B, L]
+    sequence_values = torch.cat([history[:, h][real] for h in range(len(sequence_keys))])
     sparse = keyed_jagged(sparse_keys, inputs.sparse.T.reshape(-1), torch.ones(rows * len(sparse_keys), dtype=torch.int32),
                           [rows] * len(sparse_keys), rows)
     total = int(lengths.sum())
     sequence = keyed_jagged(sequence_keys, sequence_values, lengths.to(torch.int32).repeat(len(sequence_keys)),
                             [total] * len(sequence_keys), rows)
-    return Batch(sparse=sparse, sequence=sequence, dense=inputs.dense, scenario=inputs.scenario,
+    return Batch(sparse=sparse, sequence=sequence, dense=inputs.dense, scenario=inputs.scenario[inputs.context],
                  label=torch.zeros(rows), user_id=torch.zeros(rows, dtype=torch.int64),
                  hist_len=lengths.to(torch.int32), weight=torch.ones(rows), row_index=torch.arange(rows))
 

@@ -82,11 +82,25 @@ def test_serving_model_equals_the_ranking_model(meta, batch, variant: str, path:
     assert expected.std() > 0.1, "logits must vary across rows, or the comparison is weak"
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # positions past hist_len are padding whatever ids they hold: fill them with real ids, same logits
-    sparse, history, hist_len, scenario, dense = inputs
+    sparse, history, hist_len, scenario, dense, context = inputs
     padded = torch.arange(history.shape[-1]) >= hist_len[:, None, None]  # [B, 1, L]
     filled = torch.where(padded, torch.ones_like(history), history)
     with torch.no_grad():
-        torch.testing.assert_close(serving(sparse, filled, hist_len, scenario, dense), got, rtol=0, atol=0)
+        torch.testing.assert_close(serving(sparse, filled, hist_len, scenario, dense, context), got, rtol=0, atol=0)
+
+
+def test_rows_sharing_a_context_score_like_rows_with_their_own_copy(meta, batch) -> None:
+    serving = ServingModel(trained_like(meta, "msit", SequencePath.POOLED_BAGS), meta, {})
+    sparse, history, hist_len, scenario, dense, _ = batch_to_inputs(batch, input_schema(meta))
+    with_history = torch.nonzero(hist_len > 0).squeeze(1).tolist()
+    other = next(r for r in with_history if not torch.equal(history[r], history[with_history[0]]))
+    chosen = torch.tensor([with_history[0], other])  # two different contexts with behaviours
+    context = torch.arange(sparse.shape[0]) % 2  # [B]: rows alternate between them
+    own = chosen[context]  # each row with a private copy of its context
+    with torch.no_grad():
+        shared = serving(sparse, history[chosen], hist_len[chosen], scenario[chosen], dense, context)
+        copied = serving(sparse, history[own], hist_len[own], scenario[own], dense, torch.arange(sparse.shape[0]))
+    torch.testing.assert_close(shared, copied, rtol=0, atol=1e-6)
 
 
 def test_serving_tables_keep_every_trained_table_and_its_rows(meta) -> None:

@@ -176,8 +176,15 @@ def test_dense_nulls_become_zero_and_rank_requests_share_their_context(decoded: 
     rank = encoder.encode(rank_request_rows(body, encoder.schema)).inputs
     rows = [{**record, **c} for c in candidates]
     flat = encoder.encode(record_rows(rows, encoder.schema)).inputs
-    for a, b in zip(rank.args(), flat.args()):
+    assert (rank.contexts, rank.rows, flat.contexts, flat.rows) == (1, 7, 7, 7)  # the request's history: encoded once
+    for a, b in zip(per_row(rank), per_row(flat)):
         assert torch.equal(a, b)
+
+
+def per_row(inputs: ProgramInputs) -> tuple[torch.Tensor, ...]:
+    """Every input with one entry per row (context inputs gathered by `context`)."""
+    return (inputs.sparse, inputs.history[inputs.context], inputs.hist_len[inputs.context],
+            inputs.scenario[inputs.context], inputs.dense)
 
 
 BAD_REQUESTS = [  # (change to a valid /rank body, the field path the message must start with)

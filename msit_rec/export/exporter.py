@@ -30,6 +30,7 @@ from msit_rec.export.serving_model import ServingModel, embedding_table_names
 from msit_rec.serving.contract import AOTI_FILE, ARTIFACT_VERSION, PROGRAM_FILE, InputSchema, Manifest, ParityReport
 
 EXAMPLE_ROWS = 16  # rows traced by torch.export (any number ≥ 2: the batch dimension stays symbolic)
+EXAMPLE_CONTEXTS = 8  # contexts of the traced rows: ≥ 2 and ≠ EXAMPLE_ROWS, so neither size is specialised
 
 
 def export_run(
@@ -117,7 +118,10 @@ def _example_inputs(dataset: ExamplesDataset, schema: InputSchema, device: torch
     batch = next(iter(make_loader(dataset))).to(device)
     inputs = batch_to_inputs(batch, schema)
     repeats = -(-EXAMPLE_ROWS // inputs[0].shape[0])  # a 1-row split still gives a symbolic batch
-    return tuple(t.repeat_interleave(repeats, dim=0)[:EXAMPLE_ROWS] for t in inputs)
+    sparse, history, hist_len, scenario, dense, _ = (t.repeat_interleave(repeats, dim=0) for t in inputs)
+    context = torch.arange(EXAMPLE_ROWS, device=device) % EXAMPLE_CONTEXTS  # [B]
+    per_context = (t[:EXAMPLE_CONTEXTS] for t in (history, hist_len, scenario))
+    return (sparse[:EXAMPLE_ROWS], *per_context, dense[:EXAMPLE_ROWS], context)
 
 
 def _worst(reports: dict[str, ParityReport]) -> ParityReport:

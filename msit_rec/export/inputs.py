@@ -20,7 +20,8 @@ def input_schema(meta: DatasetMeta) -> InputSchema:
 
 
 def batch_to_inputs(batch: Batch, schema: InputSchema) -> tuple[torch.Tensor, ...]:
-    """The program's positional inputs (contract.INPUT_NAMES order) holding exactly the rows of `batch`."""
+    """The program's positional inputs (contract.INPUT_NAMES order) holding exactly the rows of `batch`, each row
+    its own context (C = B)."""
     sparse = batch.sparse.to_dict()
     sequence = batch.sequence.to_dict()
     sparse_ids = torch.stack([sparse[name].values() for name in schema.sparse], dim=1)  # [B, Fs]
@@ -28,4 +29,5 @@ def batch_to_inputs(batch: Batch, schema: InputSchema) -> tuple[torch.Tensor, ..
         [sequence[name].to_padded_dense(schema.max_len, padding_value=PADDING_INDEX) for name in schema.sequence],
         dim=1,
     )
-    return (sparse_ids.long(), history.long(), batch.hist_len.long(), batch.scenario.long(), batch.dense.float())
+    rows = torch.arange(batch.hist_len.shape[0], device=history.device)  # [B]: row b is context b
+    return (sparse_ids.long(), history.long(), batch.hist_len.long(), batch.scenario.long(), batch.dense.float(), rows)

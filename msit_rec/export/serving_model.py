@@ -2,11 +2,12 @@
 
 The dense modules (scenario embedding, behaviour gate, target attention, tower) are the trained ones, copied;
 the TorchRec tables become `ServingTable`s (fp32/fp16/int8 buffers). Jagged inputs are what most often breaks
-export, so behaviours arrive padded `[B, H, L]` with their lengths: positions past `hist_len` are zeroed by
-mask (whatever the table's row 0 or the request holds there) and masked out of the attention, so only the real
-behaviours count, as in RankingModel, which never looks padding up. The padded gate/attention forwards run here
-(they export and are as fast as the packed ones at serving sizes); `forward` mirrors RankingModel.forward after
-the lookups, and the parity tests keep the two in step.
+export, so behaviours arrive padded `[C, H, L]` with their lengths, one history per context (a /rank request's
+candidates share one): positions past `hist_len` are zeroed by mask (whatever the table's row 0 or the request
+holds there) and masked out of the attention, so only the real behaviours count, as in RankingModel, which never
+looks padding up. The lookups and the gate run once per context; the attention per row, on its context's gated
+behaviours. The padded gate/attention forwards run here (they export, and are as fast as the packed ones at
+serving sizes); `forward` mirrors RankingModel.forward after the lookups, and the parity tests keep the two in step.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def bag_feature_order(embeddings: BatchEmbeddings) -> list[str]:
 
 
 class ServingModel(nn.Module):
-    """Logits [B] from (sparse [B, Fs], history [B, H, L], hist_len [B], scenario [B], dense [B, Fd])."""
+    """Logits [B] of B rows over C contexts: (sparse [B, Fs], history [C, H, L], hist_len [C], scenario [C],
+    dense [B, Fd], context [B]) — see msit_rec/serving/contract.py."""
 
     def __init__(self, model: RankingModel, meta: DatasetMeta, precision: dict[str, Precision]) -> None:
         super().__init__()
@@ -100,36 +102,41 @@ class ServingModel(nn.Module):
     def forward(
         self,
         sparse: torch.Tensor,  # [B, Fs] int64
-        history: torch.Tensor,  # [B, H, L] int64
-        hist_len: torch.Tensor,  # [B] int64
-        scenario: torch.Tensor,  # [B] int64
+        history: torch.Tensor,  # [C, H, L] int64
+        hist_len: torch.Tensor,  # [C] int64
+        scenario: torch.Tensor,  # [C] int64
         dense: torch.Tensor,  # [B, Fd] float32
+        context: torch.Tensor,  # [B] int64, the context of each row
     ) -> torch.Tensor:  # [B] logits
         batch = sparse.shape[0]
-        mask = lengths_to_mask(hist_len, self.max_len)  # [B, L]
         pooled = (
             torch.cat([self.tables[table](sparse[:, column]) for table, column in self.bag_columns], dim=-1)
             if self.bag_columns else dense.new_zeros((batch, 0))
         )  # [B, Fu]
+        # once per context: the behaviours, their gate and the scenario embedding
+        context_mask = lengths_to_mask(hist_len, self.max_len)  # [C, L]
         targets, sequences = [], []
         for slot in self.slots:
             table = self.tables[slot.table]
-            rows = table(history[:, slot.history_row])  # [B, L, d]
-            sequences.append(torch.where(mask[..., None], rows, 0.0))
+            rows = table(history[:, slot.history_row])  # [C, L, d]
+            sequences.append(torch.where(context_mask[..., None], rows, 0.0))
             targets.append(
                 table(sparse[:, slot.target_column]) if slot.target_column is not None else rows.new_zeros(batch, slot.dim)
             )
         target = torch.cat(targets, dim=-1)  # [B, D]
-        behaviours = torch.cat(sequences, dim=-1)  # [B, L, D]
-        scenario_emb = self.scenario_embedding(scenario) if self.scenario_embedding is not None else None  # [B, E]
+        behaviours = torch.cat(sequences, dim=-1)  # [C, L, D]
         if self.gate is not None:
-            own = torch.where(mask, history[:, self.own_scenario_row], 0)  # [B, L]
+            own = torch.where(context_mask, history[:, self.own_scenario_row], 0)  # [C, L]
             behaviours = self.gate(behaviours, own, scenario, self.scenario_embedding.weight)
+        # per row: the row's context, gathered
+        scenario = scenario.index_select(0, context)  # [B]
+        scenario_emb = self.scenario_embedding(scenario) if self.scenario_embedding is not None else None  # [B, E]
         if self.attention is not None:
             attention_scenario = scenario_emb if self.parts.attention_scenario else None
-            interest = self.attention(behaviours, target, mask, attention_scenario)  # [B, D]
+            mask = context_mask.index_select(0, context)  # [B, L]
+            interest = self.attention(behaviours.index_select(0, context), target, mask, attention_scenario)  # [B, D]
         else:
-            interest = behaviours.sum(dim=1)  # padded positions are zero rows
+            interest = behaviours.sum(dim=1).index_select(0, context)  # padded positions are zero rows
         features = [pooled, target, interest, dense]
         if self.parts.scenario_input:
             features.append(scenario_emb)

@@ -104,6 +104,7 @@ def check_ranges(inputs: ProgramInputs, meta: DatasetMeta, manifest: Manifest) -
           for h, name in enumerate(schema.sequence)),
         ("scenario", "scenario", inputs.scenario, len(schema.scenarios)),
         ("hist_len", "hist_len", inputs.hist_len, schema.max_len + 1),
+        ("context", "context", inputs.context, inputs.contexts),
     ]
     for tensor_name, feature, values, limit in columns:
         if values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit):

@@ -8,14 +8,20 @@ An artifact is a directory:
     dataset.json         the DatasetMeta the model was trained on (feature spec, scenarios, numeric stats)
     vocab/*.parquet      the vocabularies dataset.json names (columns raw, index, count)
 
-The program takes plain tensors, positionally in `INPUT_NAMES` order, and returns logits float32 [B]:
+The program takes plain tensors, positionally in `INPUT_NAMES` order, and returns logits float32 [B] for B rows
+that share C user contexts (a context = a behaviour history and the scenario it is served in; a /rank request is one
+context and B candidates, a `predict` file has one context per row):
 
     sparse    int64   [B, Fs]     encoded ids of `inputs.sparse` (dataset.json's sparse features, in that order)
-    history   int64   [B, H, L]   encoded behaviour ids of `inputs.sequence` (hist_item, hist_cat, hist_scenario...),
+    history   int64   [C, H, L]   encoded behaviour ids of `inputs.sequence` (hist_item, hist_cat, hist_scenario...),
                                   oldest first, left-aligned: positions ≥ hist_len hold PADDING_INDEX (0)
-    hist_len  int64   [B]         real behaviours per row, in [0, L]
-    scenario  int64   [B]         served scenario id, in [0, S)
+    hist_len  int64   [C]         real behaviours per context, in [0, L]
+    scenario  int64   [C]         served scenario id, in [0, S)
     dense     float32 [B, Fd]     `inputs.dense` normalised as prepare does: (x − mean) / std, null → 0
+    context   int64   [B]         the context of each row, in [0, C)
+
+Everything that depends on the context only (the behaviour lookups and the scenario gate) is computed once per
+context, not once per candidate.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from typing import Any, Literal
 from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import DataError
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: per-context history/hist_len/scenario + `context` input
 MANIFEST_FILE = "manifest.json"
 PROGRAM_FILE = "program.pt2"
 AOTI_FILE = "program_aoti.pt2"
 DATASET_FILE = "dataset.json"
 VOCAB_DIR = "vocab"
-INPUT_NAMES = ("sparse", "history", "hist_len", "scenario", "dense")
+INPUT_NAMES = ("sparse", "history", "hist_len", "scenario", "dense", "context")
+ROW_INPUTS = ("sparse", "dense", "context")  # dimension 0 = rows (B); the others: contexts (C)
 
 Precision = Literal["fp32", "fp16", "int8"]
 

@@ -105,13 +105,17 @@ class RequestEncoder:
         for column, (field, mean, std) in enumerate(self.dense):
             values = rows.columns[field]
             dense[:, column] = np.where(np.isnan(values), 0.0, (values - mean) / std)
-        history, hist_len = self._history(rows, oov)
+        history, hist_len = self._history(rows, oov)  # [R, H, L], [R]: R = 1 (shared context) or B
+        scenario = rows.scenario
+        if history.shape[0] != scenario.shape[0]:  # one history served in several scenarios: a context per row
+            history, hist_len, scenario = _rows(history, size), _rows(hist_len, size), _rows(scenario, size)
         inputs = ProgramInputs(
             sparse=torch.from_numpy(sparse),
-            history=torch.from_numpy(_rows(history, size)),
-            hist_len=torch.from_numpy(_rows(hist_len, size)),
-            scenario=torch.from_numpy(_rows(rows.scenario, size)),
+            history=torch.from_numpy(history),
+            hist_len=torch.from_numpy(hist_len),
+            scenario=torch.from_numpy(scenario),
             dense=torch.from_numpy(dense),
+            context=torch.zeros(size, dtype=torch.int64) if scenario.shape[0] == 1 else torch.arange(size),
         )
         return Encoded(inputs, oov)
 
