@@ -33,6 +33,9 @@ from msit_rec.serving.contract import InputSchema
 HISTORY = "history"
 Column = list | np.ndarray  # one raw field: values per row (None = null), or an int64/float64 array
 _MISSING = object()
+_ID_TYPES = frozenset({int, str})  # bool is not an id: type(True) is bool, not int
+_NULLABLE_ID_TYPES = _ID_TYPES | {type(None)}
+_NUMBER_TYPES = frozenset({int, float, type(None)})
 _JSON_TYPE = {list: "list", dict: "object", bool: "bool", float: "float", int: "int", str: "string",
               type(None): "null"}
 
@@ -114,9 +117,10 @@ def rank_request_rows(body: Any, schema: RequestSchema) -> RawRows:
         _object(candidate, f"candidates[{i}]")
     columns: dict[str, Column] = {}
     for name, required in schema.id_fields.items():
-        columns[name] = _merged_column(candidates, context, name, lambda v, p, r=required: _check_id(v, p, r))
+        columns[name] = _merged_column(candidates, context, name, lambda v, p, r=required: _check_id(v, p, r),
+                                       _ID_TYPES if required else _NULLABLE_ID_TYPES)
     for name in schema.numeric_fields:
-        columns[name] = _as_float(_merged_column(candidates, context, name, _check_number))
+        columns[name] = _as_float(_merged_column(candidates, context, name, _check_number, _NUMBER_TYPES))
     history = _history_list(body.get(HISTORY, _MISSING), HISTORY)
     behaviours, behaviour_scenario = _behaviours(history, schema, HISTORY)
     return RawRows(
@@ -191,21 +195,32 @@ def _check_number(value: Any, path: str) -> float | None:
     raise RequestError(f"{path}: expected {expected}, got {_describe(value) if kind is not float else value}")
 
 
-def _merged_column(candidates: list[dict], context: dict, name: str, check: Callable[[Any, str], Any]) -> list:
-    """Candidate values with the context value as fallback; one shared value when no candidate has the field."""
-    if not any(name in c for c in candidates):
-        if name not in context:
+def _merged_column(
+    candidates: list[dict], context: dict, name: str, check: Callable[[Any, str], Any], valid_types: frozenset[type]
+) -> list:
+    """Candidate values with the context value as fallback; one shared value when no candidate has the field.
+
+    Fast path for the common case (every value already of a valid type: one C-level pass over the types); anything
+    else goes value by value through `check`, which names the first bad field.
+    """
+    fallback = context.get(name, _MISSING)
+    values = [c.get(name, fallback) for c in candidates]
+    if all(value is fallback for value in values):  # no candidate has the field: the context's, once
+        if fallback is _MISSING:
             raise RequestError(f"candidates[0].{name}: missing (in the candidate and in context)")
-        return [check(context[name], f"context.{name}")]
-    values = []
-    for i, candidate in enumerate(candidates):
-        if name in candidate:
-            values.append(check(candidate[name], f"candidates[{i}].{name}"))
-        elif name in context:
-            values.append(check(context[name], f"context.{name}"))
-        else:
+        return [check(fallback, f"context.{name}")]
+    if set(map(type, values)) <= valid_types and (float not in valid_types or all(map(_finite, values))):
+        return values
+    checked = []
+    for i, (candidate, value) in enumerate(zip(candidates, values, strict=True)):
+        if value is _MISSING:
             raise RequestError(f"candidates[{i}].{name}: missing (in the candidate and in context)")
-    return values
+        checked.append(check(value, f"candidates[{i}].{name}" if name in candidate else f"context.{name}"))
+    return checked
+
+
+def _finite(value: Any) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def _as_float(values: list[float | None]) -> np.ndarray:

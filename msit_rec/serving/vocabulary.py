@@ -83,6 +83,11 @@ def _as_int64(values: Sequence[int | str | None] | np.ndarray) -> tuple[np.ndarr
     """(int64 keys [N], mask of values that have one) under the int cast rules; no mask work for int arrays."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return values.astype(np.int64, copy=False), np.ones(len(values), dtype=bool)
+    if set(map(type, values)) == {int}:  # plain JSON ints (the common case): one C-level conversion
+        try:
+            return np.array(values, dtype=np.int64), np.ones(len(values), dtype=bool)
+        except OverflowError:  # beyond int64: no vocabulary holds it; the general path marks it unknown
+            pass
     cast = [v if type(v) is int else (text_as_int(v) if isinstance(v, str) else None) for v in values]
     known = np.fromiter((v is not None and _INT64_MIN <= v <= _INT64_MAX for v in cast), dtype=bool, count=len(cast))
     keys = np.fromiter((v if ok else 0 for v, ok in zip(cast, known)), dtype=np.int64, count=len(cast))
