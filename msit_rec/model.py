@@ -79,11 +79,9 @@ class RankingModel(nn.Module):
         parts = config.parts
         self.parts = parts
         self.embeddings = BatchEmbeddings(meta, config.sequence_path, device)
-        layout = self.embeddings.layout
-        dim = layout.sequence_dim
+        dim = self.embeddings.layout.sequence_dim
         num_scenarios = len(meta.scenarios)
         scenario_dim = meta.feature("scenario").embedding_dim
-        self.max_len = layout.max_len
         uses_scenario = any(
             (parts.behaviour_gate, parts.attention_scenario, parts.scenario_input, parts.input_gate, parts.star)
         )
