@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/msit-rec compare $(DEMO_DIR)/evaluation --out $(DEMO_DIR)/comparison --overwrite --quiet
 	$(BIN)/msit-rec export --run $(DEMO_DIR)/msit --out $(DEMO_DIR)/artifact --overwrite --quiet
 	$(BIN)/msit-rec export --run $(DEMO_DIR)/msit --out $(DEMO_DIR)/artifact_int8 --precision int8 --overwrite --quiet
-	$(BIN)/msit-rec requests --data $(DEMO_DIR)/examples --rows 20 --out $(DEMO_DIR)/requests.jsonl --quiet
+	$(BIN)/msit-rec requests --data $(DEMO_DIR)/examples --rows 20 --out $(DEMO_DIR)/requests.jsonl --overwrite --quiet
 	$(BIN)/msit-rec predict --artifact $(DEMO_DIR)/artifact --input $(DEMO_DIR)/requests.jsonl --out $(DEMO_DIR)/scored.jsonl --overwrite --quiet
 	@echo "demo outputs under $(DEMO_DIR): raw/ (logs), examples/ (dataset.json + shards),"
 	@echo "  msit/ and shared/ (2-process runs: checkpoints/, logs/), evaluation/ (metrics.json, report.md, *.png),"

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml, to_dict
-from msit_rec.errors import ConfigError, MsitError
+from msit_rec.errors import ConfigError, DataError, MsitError
 
 
 def _add_common(parser: argparse.ArgumentParser, default_config: str) -> None:
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--split", default="test", help="split to sample (default: test)")
     requests.add_argument("--rows", type=int, default=20, help="requests to write: the split's first rows (default: 20)")
     requests.add_argument("--out", required=True, type=Path, help="JSON lines file to write")
+    requests.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     requests.add_argument("--quiet", action="store_true", help="no log lines")
     return parser
 
@@ -253,6 +254,8 @@ def run_serve(args: argparse.Namespace) -> None:
 def run_requests(args: argparse.Namespace) -> None:
     from pipelines.requests import requests_from_examples, write_requests
 
+    if args.out.exists() and not args.overwrite:
+        raise DataError(f"{args.out} exists; pass --overwrite to replace it")
     requests = requests_from_examples(args.data, args.split, args.rows)
     out = write_requests(requests, args.out)
     print(f"{len(requests)} raw requests from {args.data} ({args.split}) written to {out}")

@@ -291,6 +291,7 @@ def test_requests_rebuilt_from_examples_score_like_the_examples(decoded: dict, e
 
     rows = 40
     assert main(["requests", "--data", str(decoded["root"]), "--rows", str(rows), "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert main(["requests", "--data", str(decoded["root"]), "--out", str(tmp_path / "r.jsonl")]) == 2  # exists
     assert main(["predict", "--artifact", str(exported["artifact"]), "--input", str(tmp_path / "r.jsonl"),
                  "--out", str(tmp_path / "scored.jsonl"), "--quiet"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
