@@ -284,6 +284,10 @@ def test_predict_scores_equal_the_eager_model(decoded: dict, exported: dict, tmp
     assert np.abs(scored.column("logit").to_numpy() - exported["eager_logits"]).max() <= 1e-5
     assert predict(tmp_path / "rows.parquet", tmp_path / "scored.parquet") == 2  # exists, no --overwrite
     assert predict(tmp_path / "rows.jsonl", tmp_path / "mixed.parquet") == 2  # mixed types cannot be Parquet
+    bad = [*records[:30], {**records[30], "scenario": "mars"}]  # the last batch fails: no half-written output
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    assert predict(tmp_path / "bad.jsonl", tmp_path / "bad_scored.jsonl", "--batch_size", "10") == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("bad_scored", "mixed"))) == []
 
 
 def test_requests_rebuilt_from_examples_score_like_the_examples(decoded: dict, exported: dict, tmp_path: Path) -> None:

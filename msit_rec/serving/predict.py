@@ -77,7 +77,9 @@ def predict_file(
     rows = 0
     total = pq.ParquetFile(input_path).metadata.num_rows if in_format == "parquet" else None
     bar = tqdm(total=total, desc="predict", unit="rows", disable=not progress)
-    writer = _Writer(out_path, out_format)
+    # written beside the output and renamed at the end: a bad row in batch k leaves no half-scored file behind
+    partial = out_path.with_name(out_path.name + ".partial")
+    writer = _Writer(partial, out_format)
     try:
         for raw, table in _batches(input_path, in_format, artifact, batch_size):
             encoded = artifact.encode(raw)
@@ -86,11 +88,15 @@ def predict_file(
             oov.update(encoded.oov)
             rows += raw.size
             bar.update(raw.size)
+        if rows == 0:
+            raise DataError(f"--input {input_path}: no rows to score")
+        writer.close()
+    except BaseException:
+        writer.discard()
+        raise
     finally:
         bar.close()
-        writer.close()
-    if rows == 0:
-        raise DataError(f"--input {input_path}: no rows to score")
+    partial.replace(out_path)
     return PredictSummary(rows, time.perf_counter() - start, oov)
 
 
@@ -164,6 +170,14 @@ class _Writer:
             pq.write_table(pa.concat_tables(self._tables, promote_options="permissive"), self.path)
         if self._parquet is not None:
             self._parquet.close()
+
+    def discard(self) -> None:
+        """Close without finishing the file, and remove it."""
+        if self._text is not None:
+            self._text.close()
+        if self._parquet is not None:
+            self._parquet.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _json_table(records: list[dict[str, Any]]) -> pa.Table:
