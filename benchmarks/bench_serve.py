@@ -84,43 +84,25 @@ def rank_bodies(data_dir: Path, candidates: int, count: int) -> list[dict[str, A
     """/rank bodies from the test split decoded back to raw ids (each: one row's user, others' items)."""
     import polars as pl
 
-    from msit_rec.data.spec import OOV_INDEX, DatasetMeta
+    from msit_rec.data.spec import DatasetMeta
+    from pipelines.requests import decode_examples
 
     meta = DatasetMeta.load(data_dir)
     frame = pl.concat([pl.read_parquet(data_dir / f) for f in meta.splits["test"].files])
     frame = frame.sort("hist_len", descending=True)  # users with full histories: the heaviest requests
-    inverse = {}
-    for spec in meta.features_of_kind("sparse"):
-        vocab = pl.read_parquet(data_dir / spec.vocabulary)
-        inverse[spec.name] = dict(zip(vocab["index"].to_list(), vocab["raw"].to_list()))
-
-    def raw(feature: str, index: int) -> Any:
-        return inverse[feature].get(index, -1) if index != OOV_INDEX else -1
-
-    def fields(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
-        out = {}
-        for name in names:
-            spec = meta.feature(name)
-            if spec.kind == "dense":
-                stats = meta.numeric_stats[name]
-                out[spec.source] = row[name] * stats.std + stats.mean
-            else:
-                out[spec.source] = raw(name, row[name])
-        return out
-
-    item_side = [f.name for f in meta.features if f.kind in ("sparse", "dense") and f.name in ITEM_FIELDS]
-    user_side = [f.name for f in meta.features if f.kind in ("sparse", "dense") and f.name not in ITEM_FIELDS]
-    rows = list(frame.head(count + candidates).iter_rows(named=True))
+    rows = decode_examples(meta, data_dir, frame.head(count + candidates))
+    item_side = [meta.feature(name).source for name in ITEM_FIELDS if name in {f.name for f in meta.features}]
+    scenario_field = meta.features_of_kind("scenario")[0].source
+    not_context = {*item_side, scenario_field, "history", "label"}
     bodies = []
     for i in range(count):
         row = rows[i]
-        history = [{"item_id": raw("item", it), "item_cat": raw("category", c), "scenario": meta.scenarios[s]}
-                   for it, c, s in zip(row["hist_item"], row["hist_cat"], row["hist_scenario"])]
         bodies.append({
-            "scenario": meta.scenarios[row["scenario"]],
-            "context": fields(row, user_side),
-            "history": history,
-            "candidates": [fields(rows[(i + 1 + j) % len(rows)], item_side) for j in range(candidates)],
+            "scenario": row[scenario_field],
+            "context": {field: value for field, value in row.items() if field not in not_context},
+            "history": row["history"],
+            "candidates": [{field: rows[(i + 1 + j) % len(rows)][field] for field in item_side}
+                           for j in range(candidates)],
         })
     return bodies
 

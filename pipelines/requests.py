@@ -41,7 +41,11 @@ def requests_from_examples(data_dir: str | Path, split: str = "test", rows: int 
     files = [root / name for name in meta.splits[split].files]
     if not files or meta.splits[split].rows == 0:
         raise DataError(f"{root}: split '{split}' has no rows to build requests from")
-    frame = pl.scan_parquet(files).head(rows).collect()
+    return decode_examples(meta, root, pl.scan_parquet(files).head(rows).collect())
+
+
+def decode_examples(meta: DatasetMeta, root: Path, frame: pl.DataFrame) -> list[dict]:
+    """Every example row of `frame` (the examples' columns) as a raw request object; `root` holds dataset.json."""
     inverse = _inverse_vocabularies(meta, root)
     columns = meta.config.get("columns", {})
     required = {columns.get("user", "user_id"), columns.get("item", "item_id")}
