@@ -186,6 +186,20 @@ def test_fast_attention_equals_naive_concatenation(layout: str, pooling: str, sc
     assert torch.equal(out[0], torch.zeros(D, dtype=torch.float64))  # example 0 has no behaviours
 
 
+@pytest.mark.parametrize("pooling", ["sum", "softmax"])
+def test_attention_over_shared_contexts_equals_naive_on_gathered_rows(pooling: str):
+    """Rows that share a context (a /rank request's candidates) read its sequence by index: same as copies per row."""
+    att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E, pooling=pooling).double())
+    x = _inputs()
+    context = torch.tensor([2, 0, 2, 5, 3, 3, 1, 2, 4])  # 9 rows over the 6 contexts of `_inputs`, 0 = empty history
+    target = torch.randn(len(context), D, dtype=torch.float64)
+    e = torch.randn(len(context), E, dtype=torch.float64)
+    out = att(x["behaviours"], target, x["mask"], e, context)
+    expected = naive_attention(att, x["behaviours"][context], target, x["mask"][context], e)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[1], torch.zeros(D, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("per_scenario", [True, False])
 def test_packed_gate_equals_concatenated_formula(per_scenario: bool):
     gate = _randomise(ScenarioGate(D, E, S, per_scenario=per_scenario).double())

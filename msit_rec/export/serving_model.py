@@ -133,8 +133,7 @@ class ServingModel(nn.Module):
         scenario_emb = self.scenario_embedding(scenario) if self.scenario_embedding is not None else None  # [B, E]
         if self.attention is not None:
             attention_scenario = scenario_emb if self.parts.attention_scenario else None
-            mask = context_mask.index_select(0, context)  # [B, L]
-            interest = self.attention(behaviours.index_select(0, context), target, mask, attention_scenario)  # [B, D]
+            interest = self.attention(behaviours, target, context_mask, attention_scenario, context)  # [B, D]
         else:
             interest = behaviours.sum(dim=1).index_select(0, context)  # padded positions are zero rows
         features = [pooled, target, interest, dense]

@@ -29,17 +29,18 @@ class TargetAttention(nn.Module):
 
     Speed: the first layer is linear in its input, so `W1` is applied block-wise instead of to the concatenation:
     `W1·[b, t, b⊙t, b−t, e] = (W_b + W_d)·b + W_p·(t⊙b) + (W_t − W_d)·t + W_e·e`. The last two terms are per
-    example ([B, H], broadcast over L); the first two are one `baddbmm` of the behaviours with a per-example weight
-    `(W_b + W_d)ᵀ + diag(t)·W_pᵀ` [B, D, H], so the per-behaviour work is D×H instead of (4D+E)×H and no [B, L, 4D+E]
-    tensor is built. `first.weight` keeps the layout of the concatenated formula (blocks b, t, b⊙t, b−t, e), so the
-    result equals the naive formula with the same weights.
+    example ([B, H], broadcast over L), so the per-behaviour work is D×H for `t⊙b` (plus D×H for `b` once per
+    sequence) instead of (4D+E)×H, and no [B, L, 4D+E] tensor is built. `first.weight` keeps the layout of the
+    concatenated formula (blocks b, t, b⊙t, b−t, e), so the result equals the naive formula with the same weights.
 
     Two layouts of the same function:
-    - `forward`: padded behaviours [B, L, D] with a mask — static shapes, what the exported serving program uses;
+    - `forward`: padded behaviours [C, L, D] with a mask — static shapes, what the exported serving program uses.
+      Rows may share a sequence (`context`: all candidates of a /rank request read one history), so the
+      `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` once per row: one `[B·L, D] × [D, H]`
+      matmul (measured 1.5× faster than a per-row `baddbmm` with a `[B, D, H]` weight at 512 candidates).
     - `forward_packed`: only the real behaviours [N, D] with the example of each — what training uses. It skips the
-      padded positions entirely (a quarter to a half of the work at usual history lengths) and turns the per-example
-      `baddbmm` into one `[N, 2D] × [2D, H]` matmul over `[b, b⊙t]`, which is cheaper in backward too than the
-      per-example `[B, D, H]` weight (no `[B, D, H]` gradient to build and reduce).
+      padded positions entirely (a quarter to a half of the work at usual history lengths) and runs the first
+      layer as one `[N, 2D] × [2D, H]` matmul over `[b, b⊙t]` (every behaviour belongs to one example there).
     Tests check both against the naive concatenation formula.
 
     `scenario_dim=0` drops the e(s) input (the `din` variant).
@@ -82,26 +83,32 @@ class TargetAttention(nn.Module):
 
     def scores(
         self,
-        behaviours: torch.Tensor,  # [B, L, D]
+        behaviours: torch.Tensor,  # [C, L, D], one sequence per context
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None,  # [B, E] or None when scenario_dim == 0
+        context: torch.Tensor | None = None,  # [B] int64, the context of each row; None: row b has context b
     ) -> torch.Tensor:  # [B, L] raw attention scores, padding not yet masked
-        batch, length, dim = behaviours.shape
-        per_example = self._per_example(target, scenario_emb)  # [B, H]
-        w_b, _, w_p, w_d, _ = self._blocks(dim)
-        weight = (w_b + w_d).t() + target[:, :, None] * w_p.t()  # [B, D, H]
-        hidden = torch.baddbmm(per_example[:, None, :], behaviours, weight)  # [B, L, H]
-        hidden = self.first_activation(hidden.reshape(batch * length, -1))  # [B*L, H]
-        return self.rest(hidden).reshape(batch, length)
+        w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
+        shared = torch.matmul(behaviours, (w_b + w_d).t())  # [C, L, H]: the target-free term, once per context
+        rows = behaviours if context is None else behaviours.index_select(0, context)  # [B, L, D]
+        if context is not None:
+            shared = shared.index_select(0, context)
+        hidden = torch.matmul(rows * target[:, None, :], w_p.t())  # [B, L, H]
+        hidden = hidden + shared + self._per_example(target, scenario_emb)[:, None, :]
+        batch, length, width = hidden.shape
+        return self.rest(self.first_activation(hidden.reshape(batch * length, width))).reshape(batch, length)
 
     def forward(
         self,
-        behaviours: torch.Tensor,  # [B, L, D]
+        behaviours: torch.Tensor,  # [C, L, D]
         target: torch.Tensor,  # [B, D]
-        mask: torch.Tensor,  # [B, L] bool, True on real behaviours
+        mask: torch.Tensor,  # [C, L] bool, True on real behaviours
         scenario_emb: torch.Tensor | None = None,  # [B, E]
+        context: torch.Tensor | None = None,  # [B] int64 in [0, C); None: C = B, row b has context b
     ) -> torch.Tensor:  # [B, D] interest
-        scores = self.scores(behaviours, target, scenario_emb)
+        scores = self.scores(behaviours, target, scenario_emb, context)
+        if context is not None:
+            behaviours, mask = behaviours.index_select(0, context), mask.index_select(0, context)
         if self.pooling == "softmax":
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
         weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
