@@ -137,7 +137,9 @@ def main() -> None:
             zero_grads(model, inputs)
             logits = step(model, inputs, labels, bf16)
             grad_error = (grads(model, inputs) - reference_grads).norm() / reference_grads.norm()
-            times, cpu_times = time_steps(lambda: (zero_grads(model, inputs), step(model, inputs, labels, bf16)), args.repeats)
+            times, cpu_times = time_steps(
+                lambda model=model, bf16=bf16: (zero_grads(model, inputs), step(model, inputs, labels, bf16)), args.repeats
+            )
             rows.append(
                 {
                     "attention": name,

@@ -29,6 +29,7 @@ default (`--no-malloc-tune` measures without it) and applies to every configurat
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -96,7 +97,7 @@ def describe_data(data: Path) -> dict[str, Any]:
 def window_stats(marks: list[tuple[float, float]], warmup: int, examples_per_step: int) -> dict[str, Any]:
     """Throughput over the steps after `warmup`, from (wall, cpu) marks taken at the end of each step."""
     timed = marks[warmup - 1 :]
-    walls = sorted(b[0] - a[0] for a, b in zip(timed[:-1], timed[1:]))
+    walls = sorted(b[0] - a[0] for a, b in itertools.pairwise(timed))
     wall = timed[-1][0] - timed[0][0]
     cpu = timed[-1][1] - timed[0][1]
     steps = len(timed) - 1
@@ -113,12 +114,12 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
+    from msit_rec.data.spec import DatasetMeta
     from msit_rec.embeddings import SequencePath
     from msit_rec.model import ModelConfig
     from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
     from msit_rec.train.sharding import ShardingConfig
     from msit_rec.train.strategy import TorchRecStrategy
-    from msit_rec.data.spec import DatasetMeta
 
     class StepMarks(pl.Callback):
         def __init__(self) -> None:

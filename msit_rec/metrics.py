@@ -17,6 +17,7 @@ run one after the other): 10M rows take +1.7 GB and 18 s, so 50M rows need ≈ 1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -342,4 +343,4 @@ def _reliability(
 def optional_float(value: torch.Tensor) -> float | None:
     """A scalar tensor as a float, NaN (undefined) as None: what JSON and the report show."""
     number = float(value)
-    return None if number != number else number  # NaN (undefined) → None
+    return None if math.isnan(number) else number  # NaN (undefined) → None

@@ -6,6 +6,7 @@ import glob
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msit_rec.errors import DataError
@@ -34,7 +35,7 @@ def check_parquet_readable(files: list[Path]) -> None:
     for file in files:
         try:
             pq.read_metadata(file)
-        except Exception as exc:  # pyarrow raises several types for truncated/garbage files
+        except (pa.ArrowException, OSError) as exc:  # ArrowInvalid for truncated/garbage files, OSError if unreadable
             raise DataError(f"{file}: not a readable Parquet file ({exc})") from None
 
 

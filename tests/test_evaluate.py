@@ -85,7 +85,7 @@ def test_evaluate_writes_metrics_scores_report_and_plots(runs: dict, evaluated: 
     scores = pl.read_parquet(evaluated / "scores.parquet")
     assert scores.height == meta.splits["test"].rows
     assert sorted(scores["row_index"].to_list()) == list(range(scores.height))  # every test row exactly once
-    for name, model in saved.models.items():
+    for model in saved.models.values():
         assert model.dataset_hash == meta.content_hash and model.split == "test"
         assert list(model.scenarios) == meta.scenarios
         label, score = scores["label"].to_numpy(), scores[model.scores_column].to_numpy()

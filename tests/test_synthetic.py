@@ -38,21 +38,21 @@ RAW_SCHEMA = {
 
 # A denser world than tiny (few categories, many impressions per user) so that scenario shares, CTRs and
 # the transfer effect can be measured with little noise: ~140k rows, well under a second to generate.
-MEASURE_WORLD = dict(
-    users=3000,
-    items=600,
-    categories=10,
-    brands=40,
-    days=6,
-    daily_active_fraction=0.6,
-    impressions_per_user_day=12.0,
-    page_size=3,
-    interest_categories=3,
-    user_scenario_concentration=50.0,
-    scenario_ctr=[0.03, 0.09, 0.06, 0.045, 0.12],
-    calibration_users=1000,
-    seed=11,
-)
+MEASURE_WORLD = {
+    "users": 3000,
+    "items": 600,
+    "categories": 10,
+    "brands": 40,
+    "days": 6,
+    "daily_active_fraction": 0.6,
+    "impressions_per_user_day": 12.0,
+    "page_size": 3,
+    "interest_categories": 3,
+    "user_scenario_concentration": 50.0,
+    "scenario_ctr": [0.03, 0.09, 0.06, 0.045, 0.12],
+    "calibration_users": 1000,
+    "seed": 11,
+}
 DAY = 86_400
 
 
@@ -185,7 +185,7 @@ def test_large_user_counts_are_split_into_several_parts_per_day(tmp_path):
 
 
 def test_traffic_shares_follow_the_config(measured):
-    summary, log = measured
+    _, log = measured
     config = measure_config()
     shares = dict(log.group_by("scenario").agg(pl.len() / log.height).iter_rows())
     for name, target in zip(config.scenarios, config.scenario_shares, strict=True):

@@ -23,7 +23,6 @@ from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.train.fit import FitConfig, fit
 from msit_rec.train.module import RankingModule
-from msit_rec.train.sharding import ShardingConfig
 from msit_rec.train.strategy import TorchRecStrategy
 
 REPO = Path(__file__).resolve().parents[1]

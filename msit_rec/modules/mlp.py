@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -55,7 +56,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [in_dim, *hidden_dims]
         self.star = num_scenarios is not None
-        self.linears = nn.ModuleList(self._linear(i, o, num_scenarios) for i, o in zip(dims[:-1], dims[1:]))
+        self.linears = nn.ModuleList(self._linear(i, o, num_scenarios) for i, o in itertools.pairwise(dims))
         self.post = nn.ModuleList(
             nn.Sequential(
                 *([nn.BatchNorm1d(o)] if batch_norm else []),

@@ -16,8 +16,9 @@ Checkpoints are directories written by all ranks with torch.distributed.checkpoi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
