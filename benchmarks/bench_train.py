@@ -11,6 +11,9 @@ peak RSS is per configuration:
   same dense modules (`RankingModel` with its embeddings swapped), AdamW, one process, the same loader;
 - `loader`: the examples loader alone (Parquet → Batch, one whole shuffled epoch), to see whether input or compute
   bounds training.
+- `floor`: the matmul floor of one step (benchmarks/matmul_floor.py): the twin's matrix products (forward and
+  backward; the same dense modules as msit, so the same products), each timed alone, and the examples/s that time
+  alone would allow — the ceiling for any work on everything else.
 
 Data: a synthetic log with long click histories (generator knobs below; the mean hist_len is reported, since
 the attention cost grows with it), prepared with synthetic_wide.yaml into a temporary directory (or `--data DIR`,
@@ -20,7 +23,7 @@ be shared: the load average is recorded, and each configuration is measured `--r
 
 glibc returns large freed blocks to the kernel by default (blocks ≥ 32 MiB are always mmap-ed): every
 [B, L, 64] activation then costs fresh page faults each step, which are expensive in a VM.
-`msit_rec.train.host.tune_glibc_malloc` (which `msit-rec fit` applies too) keeps them in the heap; it is on by
+`msit_rec.host.tune_glibc_malloc` (which `msit-rec fit` applies too) keeps them in the heap; it is on by
 default (`--no-malloc-tune` measures without it) and applies to every configuration.
 
     python benchmarks/bench_train.py [--quick] [--output benchmarks/results/bench_train.json] [--data DIR]
@@ -145,9 +148,9 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
     return {**result, "rank": trainer.global_rank, "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib()}
 
 
-def run_twin(params: dict[str, Any]) -> dict[str, Any]:
+def build_twin(params: dict[str, Any]) -> tuple[Any, list[Any], Any]:
+    """(model, optimizers, loader) of the plain-PyTorch twin."""
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     from msit_rec.data.loader import ExamplesDataset, make_loader
@@ -193,17 +196,41 @@ def run_twin(params: dict[str, Any]) -> dict[str, Any]:
         torch.optim.AdamW([p for p in model.parameters() if id(p) not in table_ids], lr=1e-3),
     ]
     loader = make_loader(ExamplesDataset(params["data"], "train", BATCH, shuffle=True, drop_last=True))
+    return model, optimizers, loader
+
+
+def twin_step(model: Any, optimizers: list[Any], batch: Any) -> None:
+    import torch.nn.functional as F
+
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    F.binary_cross_entropy_with_logits(model(batch), batch.label).backward()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+def run_twin(params: dict[str, Any]) -> dict[str, Any]:
+    model, optimizers, loader = build_twin(params)
     marks = []
     for i, batch in enumerate(loader):
         if i == params["warmup"] + params["steps"]:
             break
-        for optimizer in optimizers:
-            optimizer.zero_grad()
-        F.binary_cross_entropy_with_logits(model(batch), batch.label).backward()
-        for optimizer in optimizers:
-            optimizer.step()
+        twin_step(model, optimizers, batch)
         marks.append((time.perf_counter(), time.process_time()))
     return {**window_stats(marks, params["warmup"], BATCH), "threads": params["threads"], "peak_rss_mib": peak_rss_mib()}
+
+
+def run_floor(params: dict[str, Any]) -> dict[str, Any]:
+    """The matmul floor of one training step: the twin's (the same dense modules as msit, so the same products)."""
+    from matmul_floor import matmul_floor  # benchmarks/ is the script's directory
+
+    model, optimizers, loader = build_twin(params)
+    batch = next(iter(loader))
+    for _ in range(2):
+        twin_step(model, optimizers, batch)
+    floor = matmul_floor(lambda: twin_step(model, optimizers, batch))
+    floor["max_examples_per_s"] = round(BATCH / (floor["floor_ms"] / 1e3))
+    return {**floor, "peak_rss_mib": peak_rss_mib()}
 
 
 def run_loader(params: dict[str, Any]) -> dict[str, Any]:
@@ -219,11 +246,11 @@ def run_loader(params: dict[str, Any]) -> dict[str, Any]:
     return {**window_stats(marks, params["warmup"], BATCH), "peak_rss_mib": peak_rss_mib()}
 
 
-WORKERS = {"lightning": run_lightning, "twin": run_twin, "loader": run_loader}
+WORKERS = {"lightning": run_lightning, "twin": run_twin, "loader": run_loader, "floor": run_floor}
 
 
 def worker_main(kind: str, params_json: str) -> None:
-    from msit_rec.train.host import tune_glibc_malloc
+    from msit_rec.host import tune_glibc_malloc
 
     params = json.loads(params_json)
     if params["malloc_tune"]:
@@ -309,6 +336,7 @@ def main() -> None:
             rows.append(row)
             print(f"  {name:<32} {row['examples_per_s']:>8} ex/s  (runs {row['all_examples_per_s']}, "
                   f"load {row['load_avg_1m_before']})", flush=True)
+        floor = measure("floor", {**base, "steps": 0}, scratch, "floor") if not args.only or "floor" in args.only else None
 
     by_name = {r["name"]: r for r in rows}
     twin = by_name.get("plain_twin", {}).get("examples_per_s")
@@ -321,6 +349,7 @@ def main() -> None:
         "target_1p_examples_per_s": 25_000,
         "loader_over_training": round(loader / train, 2) if loader and train else None,
         "target_loader_over_training": 5.0,
+        "matmul_floor": floor,
     }
     print(f"\nmsit, B={BATCH}, {data_info['sparse_features']} sparse features, L={data_info['max_len']} "
           f"(mean hist_len {data_info['mean_hist_len']}), threads={args.threads}, malloc_tune={args.malloc_tune}, "
@@ -331,6 +360,10 @@ def main() -> None:
         rss = "/".join(str(x) for x in r["peak_rss_mib_per_process"])
         print(f"{r['name']:<32}{r['examples_per_s']:>9}{ratio:>9}{r['median_step_ms']:>11}{r['cpu_s_per_step']:>11}"
               f"{rss:>16}")
+    if floor:
+        print(f"matmul floor of one step ({floor['matmuls']} products, {floor['gflop']} GFLOP, alone and best of 5): "
+              f"{floor['floor_ms']} ms at {floor['matmul_gflops']} GFLOP/s (large-GEMM peak {floor['peak_gflops']}) "
+              f"→ at most {floor['max_examples_per_s']} ex/s from the matmuls alone")
     print(f"summary: {summary}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {

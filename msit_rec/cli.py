@@ -227,9 +227,11 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from msit_rec.host import tune_glibc_malloc
     from msit_rec.serving.artifact import load_artifact
     from msit_rec.serving.predict import predict_file
 
+    tune_glibc_malloc()
     artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
     summary = predict_file(artifact, args.input, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
                            progress=not args.quiet)
@@ -238,9 +240,11 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    from msit_rec.host import tune_glibc_malloc
     from msit_rec.serving.artifact import load_artifact
     from msit_rec.serving.server import RankingServer, ServeConfig
 
+    tune_glibc_malloc()
     artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
     config = ServeConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                          max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)

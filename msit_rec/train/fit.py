@@ -22,7 +22,7 @@ from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError
 from msit_rec.model import ModelConfig, RankingModel
-from msit_rec.train.host import tune_glibc_malloc
+from msit_rec.host import tune_glibc_malloc
 from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
 from msit_rec.train.sharding import ShardingConfig
 from msit_rec.train.strategy import TorchRecStrategy, check_devices
@@ -46,7 +46,7 @@ class TrainerConfig:
     # between identical runs (measured), and the difference grows with training. False may be faster on GPU.
     deterministic: bool = True
     early_stopping_patience: int = 2
-    tune_malloc: bool = True  # keep large freed blocks in glibc's heap (msit_rec/train/host.py): fewer page faults
+    tune_malloc: bool = True  # keep large freed blocks in glibc's heap (msit_rec/host.py): fewer page faults
     log_every_n_steps: int = 20
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
