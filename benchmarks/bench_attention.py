@@ -31,11 +31,11 @@ TOWER_IN = 20 * 16 + 3 * 32 + E + 2  # user/context features, target + interest 
 class NaiveAttention(TargetAttention):
     """Baseline: the first layer applied to the materialised [B, L, 4D+E] concatenation."""
 
-    def scores(self, behaviours, target, scenario_emb):
-        batch, length, dim = behaviours.shape
+    def scores(self, behaviours, rows, target, scenario_emb, context=None):
+        batch, length, dim = rows.shape
         tt = target[:, None, :].expand(batch, length, dim)
         e = scenario_emb[:, None, :].expand(batch, length, scenario_emb.shape[-1])
-        x = torch.cat([behaviours, tt, behaviours * tt, behaviours - tt, e], dim=-1)
+        x = torch.cat([rows, tt, rows * tt, rows - tt, e], dim=-1)
         hidden = self.first_activation(self.first(x).reshape(batch * length, -1))
         return self.rest(hidden).reshape(batch, length)
 

@@ -85,38 +85,43 @@ class TargetAttention(nn.Module):
     def scores(
         self,
         behaviours: torch.Tensor,  # [C, L, D], one sequence per context
+        rows: torch.Tensor,  # [B, L, D], each row's sequence: behaviours[context] (behaviours itself when C = B)
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None,  # [B, E] or None when scenario_dim == 0
         context: torch.Tensor | None = None,  # [B] int64, the context of each row; None: row b has context b
     ) -> torch.Tensor:  # [B, L] raw attention scores, padding not yet masked
         if context is None:
-            hidden = self._first_per_row(behaviours, target)
+            hidden = self._first_per_row(rows, target)
         else:  # a branch in the exported program too: contexts shared by several rows, or one per row
             hidden = torch.cond(
                 behaviours.shape[0] < target.shape[0],
                 self._first_shared,
                 self._first_per_row_of,
-                (behaviours, target, context),
+                (behaviours, rows, target, context),
             )
         hidden.add_(self._per_example(target, scenario_emb)[:, None, :])  # fresh: in place is safe
         batch, length, width = hidden.shape
         return self.rest(self.first_activation(hidden.reshape(batch * length, width))).reshape(batch, length)
 
     def _first_per_row(self, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """`(W_b + W_d)·b + W_p·(t⊙b)` [B, L, H] as one `baddbmm` with a per-row weight `[B, D, H]`: D×H per behaviour."""
+        """`(W_b + W_d)·b + W_p·(t⊙b)` [B, L, H] as one batched matmul with a per-row weight `[B, D, H]`: D×H per
+        behaviour."""
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         return torch.bmm(rows, (w_b + w_d).t() + target[:, :, None] * w_p.t())
 
-    def _first_per_row_of(self, behaviours: torch.Tensor, target: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self._first_per_row(behaviours.index_select(0, context), target)
+    def _first_per_row_of(
+        self, behaviours: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        return self._first_per_row(rows, target)
 
-    def _first_shared(self, behaviours: torch.Tensor, target: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _first_shared(
+        self, behaviours: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
         """The same [B, L, H] when rows share contexts: `(W_b + W_d)·b` once per context, then `(t⊙b)·W_p` per row as
         one `[B·L, D] × [D, H]` matmul — faster than the batched small matmuls of `_first_per_row` (11 vs 20 ms at 512
         candidates on one core), but D×H more per behaviour when every row has its own context."""
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         shared = torch.matmul(behaviours, (w_b + w_d).t()).index_select(0, context)  # [B, L, H]
-        rows = behaviours.index_select(0, context)  # [B, L, D]
         return torch.matmul(rows * target[:, None, :], w_p.t()).add_(shared)
 
     def forward(
@@ -127,13 +132,13 @@ class TargetAttention(nn.Module):
         scenario_emb: torch.Tensor | None = None,  # [B, E]
         context: torch.Tensor | None = None,  # [B] int64 in [0, C); None: C = B, row b has context b
     ) -> torch.Tensor:  # [B, D] interest
-        scores = self.scores(behaviours, target, scenario_emb, context)
-        if context is not None:
-            behaviours, mask = behaviours.index_select(0, context), mask.index_select(0, context)
+        rows = behaviours if context is None else behaviours.index_select(0, context)  # [B, L, D]
+        mask = mask if context is None else mask.index_select(0, context)  # [B, L]
+        scores = self.scores(behaviours, rows, target, scenario_emb, context)
         if self.pooling == "softmax":
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
         weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
-        return torch.bmm(weights.unsqueeze(1).to(behaviours.dtype), behaviours).squeeze(1)
+        return torch.bmm(weights.unsqueeze(1).to(rows.dtype), rows).squeeze(1)
 
     def forward_packed(
         self,

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError
-from msit_rec.model import ModelConfig, RankingModel
 from msit_rec.host import tune_glibc_malloc
+from msit_rec.model import ModelConfig, RankingModel
 from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
 from msit_rec.train.sharding import ShardingConfig
 from msit_rec.train.strategy import TorchRecStrategy, check_devices
