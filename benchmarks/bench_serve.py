@@ -185,14 +185,13 @@ def in_process(
     for count in CANDIDATES:
         body = rank_bodies(data_dir, count, 1)[0]
         fp32 = loaded["export_fp32"]
-        batch = eager_batch(fp32.encode(rank_request_rows(body, fp32.encoder.schema)).inputs, schema.sparse,
-                            schema.sequence)
+        fp32_inputs = fp32.encode(rank_request_rows(body, fp32.encoder.schema)).inputs
+        batch = eager_batch(fp32_inputs, schema.sparse, schema.sequence)
         with torch.inference_mode():
             row: dict[str, Any] = {"eager": timed(lambda b=batch: model(b), args.iters, args.warmup)}
         for name, artifact in loaded.items():
             inputs = artifact.encode(rank_request_rows(body, artifact.encoder.schema)).inputs
             row[name] = timed(lambda a=artifact, x=inputs: a.logits(x), args.iters, args.warmup)
-        fp32_inputs = fp32.encode(rank_request_rows(body, fp32.encoder.schema)).inputs
         with torch.inference_mode():  # the products the AOTI program runs too (it calls the same extern kernels)
             floors[str(count)] = matmul_floor(lambda a=fp32, x=fp32_inputs: a.logits(x))
         service = RankingService(loaded["aoti_fp32"], ServeConfig())

@@ -336,7 +336,7 @@ def main() -> None:
             rows.append(row)
             print(f"  {name:<32} {row['examples_per_s']:>8} ex/s  (runs {row['all_examples_per_s']}, "
                   f"load {row['load_avg_1m_before']})", flush=True)
-        floor = measure("floor", {**base, "steps": 0}, scratch, "floor") if not args.only or "floor" in args.only else None
+        floor = measure("floor", base, scratch, "floor") if not args.only or "floor" in args.only else None
 
     by_name = {r["name"]: r for r in rows}
     twin = by_name.get("plain_twin", {}).get("examples_per_s")
