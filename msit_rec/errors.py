@@ -17,3 +17,8 @@ class SchemaError(MsitError):
 
 class DataError(MsitError):
     """An input file is unreadable or its content breaks the data contract."""
+
+
+class TrainingError(MsitError):
+    """Training cannot go on (e.g. a non-finite loss); raised on every rank at the same step, so the CLI reports it
+    once (from the process the user started) and exits 2."""

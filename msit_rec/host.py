@@ -1,10 +1,11 @@
-"""Process-level tuning of the host that trains or serves: owned by the command that owns the process (fit, predict,
-serve), never applied on import — a library must not change an embedding process's allocator."""
+"""Process-level facts and tuning of the host that trains or serves: owned by the command that owns the process (fit,
+predict, serve), never applied on import — a library must not change an embedding process's allocator."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 _M_TRIM_THRESHOLD = -1
@@ -27,3 +28,12 @@ def tune_glibc_malloc() -> bool:
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never give the heap top back
     libc.mallopt(_M_TOP_PAD, 256 << 20)  # grow the heap in 256 MiB steps
     return True
+
+
+def is_launching_process() -> bool:
+    """True in the process the user started; False in the ranks that Lightning's launcher or torchrun started.
+
+    Checks on the output directory and user-facing error lines belong to this process only: the other ranks run
+    the same command again once it has created the run directory.
+    """
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))

@@ -97,6 +97,18 @@ class SplitConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """Row checks beyond the per-row reject reasons.
+
+    Exact duplicate rows (every column `prepare` reads equal) are always counted; they are often a logging
+    bug (a retried upload), sometimes real (two identical impressions in one second), so dropping them is a
+    choice: `drop_duplicates` rejects every copy after the first with reason `duplicate`.
+    """
+
+    drop_duplicates: bool = False
+
+
+@dataclass
 class OutputConfig:
     rows_per_row_group: int = 65_536
     rows_per_file: int = 1_048_576
@@ -115,6 +127,7 @@ class DatasetConfig:
     numeric: list[NumericFeature] = field(default_factory=list)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
 

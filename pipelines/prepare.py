@@ -4,16 +4,21 @@ Order of work: read and validate the log in one streaming pass (rejected rows ar
 reason), split by time, fit encoders and numeric statistics on the train split only, build histories over
 all valid rows (strictly earlier events only, so a test example may see train-period clicks but never its
 own or later ones), then write each split as Parquet shards chunk by chunk.
+
+Everything is written into a temporary sibling of the output directory that replaces it only when complete,
+and the source may not overlap the output: no input, bug or interruption can cost the raw log or the
+previous good output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -36,17 +41,31 @@ from msit_rec.data.spec import (
     SplitStats,
 )
 from msit_rec.errors import DataError
+from msit_rec.outputs import check_no_overlap, staged_dir
 from pipelines.config import DatasetConfig
 from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder
 from pipelines.history import HIST_HI, HIST_LO, HistoryEvents, index_histories, precomputed_lists
-from pipelines.source import read_source
+from pipelines.source import read_source, source_root
 from pipelines.split import SPLIT, assign_splits
-from pipelines.validate import LABEL, REASON, ROW, SCENARIO, TS, tag_rows
+from pipelines.validate import (
+    LABEL,
+    REASON,
+    ROW,
+    SCENARIO,
+    TS,
+    describe_rejects,
+    scenario_text,
+    tag_duplicates,
+    tag_rows,
+    ts_problem,
+)
 from pipelines.write import ShardWriter
 
 log = logging.getLogger("msit_rec.prepare")
 
 USER_KEY = "_user_key"
+# Top-level entries prepare writes: `--overwrite` replaces a directory holding nothing else, never other files.
+OUTPUT_ENTRIES = ("dataset.json", "rejects.parquet", *SPLITS, "vocab")
 
 
 def encoded(name: str) -> str:
@@ -65,23 +84,46 @@ def step(what: str) -> Iterator[None]:
     log.info("%s: %.2fs", what, time.perf_counter() - start)
 
 
-def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, overwrite: bool = False) -> DatasetMeta:
-    """Run the whole pipeline; returns (and writes) the dataset metadata."""
-    out_dir = Path(out_dir)
-    _claim_output_dir(out_dir, overwrite)
-    c = config.columns
+@dataclass
+class Validated:
+    """The raw log after validation: rows to use, rows rejected (with their reason) and what was counted."""
 
+    valid: pl.DataFrame
+    rejected: pl.DataFrame
+    rows_in: int
+    scenarios: list[str]
+    duplicates: int  # valid rows equal to an earlier one (rejected as `duplicate` when the config drops them)
+    ts_problems: dict[str, int]  # bad_ts kind → rows
+
+
+def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, overwrite: bool = False) -> DatasetMeta:
+    """Run the whole pipeline; returns (and writes) the dataset metadata.
+
+    Refuses, before reading anything and whatever `overwrite` says, an output that overlaps the source. The
+    output is built in a temporary sibling of `out_dir` that replaces it only when complete, so a failure
+    leaves an earlier output exactly as it was.
+    """
+    out_dir = Path(out_dir)
+    check_no_overlap(source_root(config.source.path), out_dir, source_flag="source")
+    with staged_dir(out_dir, overwrite, OUTPUT_ENTRIES) as staging:
+        meta = _prepare_into(config, staging, progress)
+    if meta.rejects_file is not None:
+        log.warning(
+            "rejected %d rows: %s (see %s)", sum(meta.rejects.values()),
+            describe_rejects(meta.rejects, meta.bad_ts, config.columns.ts), out_dir / meta.rejects_file,
+        )
+    return meta
+
+
+def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> DatasetMeta:
+    """The pipeline proper, writing everything under `out_dir` (a fresh staging directory)."""
+    c = config.columns
     with step("read + validate"):
-        tagged = tag_rows(read_source(config.source), config, source=config.source.path)
-        frame = tagged.frame.select(_needed_columns(config)).collect(engine="streaming")
-        rows_in = len(frame)
-        rejected = frame.filter(pl.col(REASON).is_not_null())
-        valid = frame.filter(pl.col(REASON).is_null()).drop(REASON)
-        del frame
-        log.info("rows in %d, valid %d, rejected %d", rows_in, len(valid), len(rejected))
-    scenarios = tagged.scenarios
-    _check_scenarios_present(valid, scenarios, config.source.path)
-    rejects = _write_rejects(rejected, out_dir)
+        checked = _read_validated(config)
+    rejects = _write_rejects(checked.rejected, out_dir)
+    valid, scenarios, rows_in = checked.valid, checked.scenarios, checked.rows_in
+    duplicates, ts_problems = checked.duplicates, checked.ts_problems
+    del checked  # `valid` is rebuilt column by column below: no second reference may keep the first copy alive
 
     with step("split"):
         valid, boundaries = assign_splits(valid, config, c.user)
@@ -94,7 +136,7 @@ def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, 
         valid = valid.with_columns(
             [encoders[f.name].encode(valid[f.column]).alias(encoded(f.name)) for f in config.categorical]
         )
-        numeric_stats = {f.name: _numeric_stats(train[f.column], valid[f.column]) for f in config.numeric}
+        numeric_stats = {f.name: _numeric_stats(f.column, train[f.column], valid[f.column]) for f in config.numeric}
         valid = valid.with_columns(
             [_normalise(f.column, numeric_stats[f.name]).alias(normalised(f.name)) for f in config.numeric]
         )
@@ -110,6 +152,7 @@ def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, 
         splits = {
             split: _write_split(valid, split, config, events, scenarios, out_dir, progress) for split in SPLITS
         }
+    empty_scenarios = _empty_scenarios(splits)
     rows_out = sum(s.rows for s in splits.values())
     if rows_out + sum(rejects.values()) != rows_in:  # the conservation guarantee; a bug if it ever fires
         raise RuntimeError(f"row conservation broken: in {rows_in}, out {rows_out}, rejected {sum(rejects.values())}")
@@ -133,21 +176,17 @@ def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, 
         rejects=rejects,
         rejects_file="rejects.parquet" if sum(rejects.values()) else None,
         config=to_dict(config),
+        duplicate_rows=duplicates,
+        bad_ts=ts_problems,
+        empty_scenarios=empty_scenarios,
     )
     meta.content_hash = _content_hash(out_dir, [f for s in splits.values() for f in s.files] + list(vocab_files.values()))
     meta.save(out_dir / "dataset.json")
     return meta
 
 
-def _claim_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise DataError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _needed_columns(config: DatasetConfig) -> list[str]:
+def _raw_columns(config: DatasetConfig) -> list[str]:
+    """The raw-log columns prepare reads: the ones two rows must agree on to be duplicates."""
     c = config.columns
     names = [c.user, c.item, c.scenario, c.ts, c.label]
     names += [f.column for f in config.categorical] + [f.column for f in config.numeric]
@@ -155,35 +194,98 @@ def _needed_columns(config: DatasetConfig) -> list[str]:
         names.append(config.split.column)
     if config.history.precomputed_column is not None:
         names.append(config.history.precomputed_column)
-    return list(dict.fromkeys(names)) + [ROW, TS, LABEL, SCENARIO, REASON]
+    return list(dict.fromkeys(names))
 
 
-def _check_scenarios_present(valid: pl.DataFrame, scenarios: list[str], source: str) -> None:
-    """A declared scenario with no valid rows is almost always a mapping mistake: say so instead of training on it."""
-    present = set(valid[SCENARIO].unique().to_list())
-    empty = [name for sid, name in enumerate(scenarios) if sid not in present]
-    if empty:
-        raise DataError(
-            f"{source}: scenario(s) {empty} declared in the config have no valid rows; "
-            "remove them from `scenarios` or check the scenario column"
-        )
+def _read_validated(config: DatasetConfig) -> Validated:
+    """Read the log once, tag every row, and stop with the real cause when nothing usable is left."""
+    tagged = tag_rows(read_source(config.source), config, source=config.source.path)
+    raw_columns = _raw_columns(config)
+    frame = tagged.frame.select([*raw_columns, ROW, TS, LABEL, SCENARIO, REASON]).collect(engine="streaming")
+    frame, duplicates = tag_duplicates(frame, raw_columns, config.validate.drop_duplicates)
+    rejected = frame.filter(pl.col(REASON).is_not_null())
+    checked = Validated(
+        valid=frame.filter(pl.col(REASON).is_null()).drop(REASON),
+        rejected=rejected,
+        rows_in=len(frame),
+        scenarios=tagged.scenarios,
+        duplicates=duplicates,
+        ts_problems=_ts_problems(rejected),
+    )
+    log.info("rows in %d, valid %d, rejected %d", checked.rows_in, len(checked.valid), len(rejected))
+    if duplicates:
+        log.warning("%d exact duplicate rows (%s)", duplicates, "dropped" if config.validate.drop_duplicates else
+                    "kept; set validate.drop_duplicates: true to drop them")
+    _check_any_valid(checked, config)
+    _check_scenarios_present(checked, config)
+    return checked
+
+
+def _reason_counts(rejected: pl.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in rejected.group_by(REASON).len().sort(REASON).iter_rows()}
+
+
+def _ts_problems(rejected: pl.DataFrame) -> dict[str, int]:
+    """bad_ts kind (milliseconds, negative, ...) → rows: the reject reason alone would not say what to fix."""
+    bad = rejected.filter(pl.col(REASON) == "bad_ts")
+    counts = bad.group_by(ts_problem(pl.col(TS)).alias("kind")).len().sort("kind")
+    return {str(k): int(v) for k, v in counts.iter_rows()}
+
+
+def _check_any_valid(checked: Validated, config: DatasetConfig) -> None:
+    """With no valid row left, name the reasons the rows were rejected for: that is what the user has to fix."""
+    source = config.source.path
+    if checked.rows_in == 0:
+        raise DataError(f"{source}: the raw log has no rows")
+    if len(checked.valid) == 0:
+        why = describe_rejects(_reason_counts(checked.rejected), checked.ts_problems, config.columns.ts)
+        raise DataError(f"{source}: all {checked.rows_in:,} rows were rejected: {why}")
+
+
+def _check_scenarios_present(checked: Validated, config: DatasetConfig) -> None:
+    """A declared scenario with no valid rows is a mapping mistake or bad rows: say which instead of training on it."""
+    present = set(checked.valid[SCENARIO].unique().to_list())
+    empty = [name for sid, name in enumerate(checked.scenarios) if sid not in present]
+    if not empty:
+        return
+    theirs = checked.rejected.filter(scenario_text(config).is_in(empty))
+    if len(theirs) == 0:
+        cause = "no row carries them; remove them from `scenarios` or check the scenario column"
+    else:
+        reasons = describe_rejects(_reason_counts(theirs), _ts_problems(theirs), config.columns.ts)
+        cause = f"all their rows were rejected: {reasons}"
+    raise DataError(f"{config.source.path}: scenario(s) {empty} declared in the config have no valid rows ({cause})")
 
 
 def _write_rejects(rejected: pl.DataFrame, out_dir: Path) -> dict[str, int]:
-    counts = dict(rejected.group_by(REASON).len().sort(REASON).iter_rows())
+    """Rejected rows with their log position and reason → rejects.parquet; returns reason → rows."""
     if len(rejected):
         raw_columns = [name for name in rejected.columns if not name.startswith("_")]
         rejected.select([ROW, *raw_columns, REASON]).rename(
             {ROW: "row_in_log", REASON: "reject_reason"}
         ).write_parquet(out_dir / "rejects.parquet")
-        log.warning("rejected %d rows: %s (see %s)", len(rejected), counts, out_dir / "rejects.parquet")
-    return {str(k): int(v) for k, v in counts.items()}
+    return _reason_counts(rejected)
 
 
-def _numeric_stats(train_values: pl.Series, all_values: pl.Series) -> NumericStats:
+def _empty_scenarios(splits: dict[str, SplitStats]) -> dict[str, list[str]]:
+    """split → declared scenarios without a row in it (splits with rows only): their metrics would silently be absent."""
+    empty = {
+        split: [name for name, sc in stats.scenarios.items() if sc.rows == 0]
+        for split, stats in splits.items() if stats.rows
+    }
+    for split, names in empty.items():
+        if names:
+            log.warning("scenario(s) %s have no rows in %s", names, split)
+    return {split: names for split, names in empty.items() if names}
+
+
+def _numeric_stats(column: str, train_values: pl.Series, all_values: pl.Series) -> NumericStats:
+    """Train mean/std of a numeric column; NaN/inf rows were rejected (bad_numeric), so the values are finite."""
     values = train_values.cast(pl.Float64)
     mean = values.mean()
     std = values.std()
+    if not all(math.isfinite(v) for v in (mean, std) if v is not None):  # finite values can still overflow a sum
+        raise DataError(f"column '{column}': train mean/std overflow (max |value| {values.abs().max()}); rescale it")
     return NumericStats(
         mean=float(mean) if mean is not None else 0.0,
         std=float(std) if std else 1.0,  # constant or single-row train column: leave the scale alone

@@ -18,6 +18,7 @@ import polars as pl
 
 from msit_rec.data.spec import OOV_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import ConfigError, DataError
+from msit_rec.outputs import staged_file
 
 UNKNOWN_ID = "<oov>"  # raw user/item id standing for an out-of-vocabulary one (null is not allowed there)
 
@@ -81,9 +82,12 @@ def decode_examples(meta: DatasetMeta, root: Path, frame: pl.DataFrame) -> list[
     return requests
 
 
-def write_requests(requests: list[dict], out: str | Path) -> Path:
-    """JSON lines, one request per line (the input format of `msit-rec predict`)."""
+def write_requests(requests: list[dict], out: str | Path, overwrite: bool = False) -> Path:
+    """JSON lines, one request per line (the input format of `msit-rec predict`).
+
+    Written to a temporary sibling that replaces `out` only when complete, so a failure keeps an earlier file.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(request) + "\n" for request in requests))
+    with staged_file(out, overwrite) as tmp, open(tmp, "w") as handle:
+        handle.writelines(json.dumps(request) + "\n" for request in requests)
     return out

@@ -13,11 +13,25 @@ from msit_rec.errors import DataError
 from pipelines.adapters import ADAPTERS
 from pipelines.config import SourceConfig
 
+GLOB_CHARS = "*?["
+
+
+def source_root(path: str | Path) -> Path:
+    """The concrete path a source names: the path itself, or for a glob the folder above its first wildcard.
+
+    Everything the source can read lies under it, so an output that does not overlap it cannot touch the input.
+    """
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in GLOB_CHARS):
+            return Path(*parts[:i]) if i else Path(".")
+    return Path(path)
+
 
 def parquet_files(path: str | Path) -> list[Path]:
     """The Parquet files behind a file, a directory (searched recursively, hive partitions too) or a glob."""
     text = str(path)
-    if any(ch in text for ch in "*?["):
+    if any(ch in text for ch in GLOB_CHARS):
         files = sorted(Path(p) for p in glob.glob(text, recursive=True))
     elif Path(text).is_dir():
         files = sorted(Path(text).rglob("*.parquet"))

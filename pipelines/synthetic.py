@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from msit_rec.errors import MsitError
+from msit_rec.errors import DataError
+from msit_rec.outputs import staged_dir
 from pipelines.synthetic_config import SCENARIO_NAMES, GeneratorConfig
 from pipelines.synthetic_simulate import ChunkLog, ClickState, simulate_chunk
 from pipelines.synthetic_world import World, build_world
@@ -83,11 +84,21 @@ def generate(config: GeneratorConfig, out_dir: Path, progress: bool = True, over
     """Write the synthetic log under `out_dir` (created if missing).
 
     A non-empty `out_dir` is refused unless `overwrite=True`, and even then only when it holds nothing but a
-    previous output (`day=...` partitions): their files are replaced, anything else is never deleted.
+    previous output (`day=...` partitions of part files), so nothing else is ever deleted. The log is built in a
+    temporary sibling that replaces `out_dir` only when complete: a failed run leaves the previous log intact.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
+    _check_partitions_only(out_dir)
+    with staged_dir(out_dir, overwrite, [f"{PARTITION_PREFIX}*"]) as staging:
+        summary = _generate_into(config, staging, progress)
+    summary.files = [out_dir / path.relative_to(staging) for path in summary.files]
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _generate_into(config: GeneratorConfig, out_dir: Path, progress: bool) -> GenerateSummary:
+    """Simulate every day and write its partitions under `out_dir` (a fresh staging directory)."""
     world_seq, calibration_seq, days_seq = np.random.SeedSequence(config.seed).spawn(3)
     world = build_world(config, np.random.default_rng(world_seq))
     calibrate_scenario_bias(world, calibration_seq)
@@ -121,7 +132,6 @@ def generate(config: GeneratorConfig, out_dir: Path, progress: bool = True, over
             for n, r, c in zip(names, rows, clicks, strict=True)
         },
         files=files,
-        seconds=time.perf_counter() - started,
         scenario_bias={n: float(b) for n, b in zip(names, world.scenario_bias, strict=True)},
     )
 
@@ -242,26 +252,17 @@ def _write_part(world: World, log: ChunkLog, rng: np.random.Generator, path: Pat
     pq.write_table(table, path, compression=world.config.compression, use_dictionary=dictionary)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MsitError(f"output path {out_dir} exists and is not a directory")
-    entries = sorted(out_dir.iterdir()) if out_dir.exists() else []
-    if not entries:
-        out_dir.mkdir(parents=True, exist_ok=True)
+def _check_partitions_only(out_dir: Path) -> None:
+    """staged_dir vets the top level of `out_dir`; inside a `day=` entry only part files may be replaced either."""
+    if not out_dir.is_dir():
         return
-    if not overwrite:
-        raise MsitError(f"output directory {out_dir} is not empty; pass overwrite (--overwrite) to replace it")
-    foreign = [e for e in entries if not (e.is_dir() and e.name.startswith(PARTITION_PREFIX))]
-    foreign += [f for e in entries if e not in foreign for f in e.iterdir() if not _is_part_file(f)]
-    if foreign:
-        raise MsitError(
-            f"output directory {out_dir} holds {foreign[0]}, which is not a generated partition; "
-            "refusing to overwrite it (expected only day=YYYY-MM-DD/part-NNNNN.parquet)"
-        )
-    for folder in entries:
-        for part in folder.iterdir():
-            part.unlink()
-        folder.rmdir()
+    for entry in sorted(out_dir.glob(f"{PARTITION_PREFIX}*")):
+        foreign = [f for f in entry.iterdir() if not _is_part_file(f)] if entry.is_dir() else [entry]
+        if foreign:
+            raise DataError(
+                f"output directory {out_dir} holds {foreign[0]}, which is not a generated partition; "
+                "refusing to replace it (expected only day=YYYY-MM-DD/part-NNNNN.parquet)"
+            )
 
 
 def _is_part_file(path: Path) -> bool:

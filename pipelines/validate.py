@@ -1,8 +1,9 @@
 """Check a raw log against the dataset config before any work, then tag every row valid or rejected.
 
 Schema problems (a missing column, a column of the wrong type) stop the run with an error naming the column.
-Row problems (null ids, labels outside {0,1}, unparsable times, unknown scenarios) never stop it and never
-drop rows silently: each row gets at most one reject reason and goes to the rejects report.
+Row problems (null ids, labels outside {0,1}, unparsable or out-of-range times, unknown scenarios, NaN or
+infinite numerics) never stop it and never drop rows silently: each row gets at most one reject reason and
+goes to the rejects report. Exact duplicate rows are counted, and rejected only when the config says so.
 """
 
 from __future__ import annotations
@@ -30,11 +31,25 @@ REJECT_REASONS = (
     "bad_ts",
     "bad_label",
     "unknown_scenario",
+    "bad_numeric",
     "bad_split",
+    "duplicate",  # only with validate.drop_duplicates; tagged after the row checks (see tag_duplicates)
 )
 SPLIT_NAMES = ("train", "valid", "test")
 
 _ID_TYPES = "integer or string"
+
+# Epoch seconds at or above this are year 5138 or later: such a value is really milliseconds (~1.7e12 today),
+# microseconds (~1.7e15) or nanoseconds (~1.7e18) in a seconds column, and would wreck time splits and histories.
+MAX_TS_SECONDS = 10**11
+# bad_ts kind → how a person reads it; `ts_problem` assigns the kind
+TS_PROBLEMS = {
+    "unparsable": "unparsable",
+    "negative": "negative (before 1970)",
+    "milliseconds": "look like milliseconds",
+    "microseconds": "look like microseconds",
+    "nanoseconds": "look like nanoseconds",
+}
 
 
 def _is_id_type(dtype: pl.DataType) -> bool:
@@ -102,11 +117,32 @@ def check_schema(schema: pl.Schema, config: DatasetConfig, source: str) -> None:
 def _ts_seconds(config: DatasetConfig, dtype: pl.DataType) -> pl.Expr:
     col = pl.col(config.columns.ts)
     if dtype.is_integer():
-        return col.cast(pl.Int64)
+        return col.cast(pl.Int64, strict=False)  # a UInt64 beyond int64 becomes null: bad_ts, not a crash
     if isinstance(dtype, (pl.Datetime, pl.Date)):
         return col.dt.epoch("s")
     parsed = col.str.to_datetime(format=config.ts_format, strict=False, time_unit="us")
     return parsed.dt.epoch("s")
+
+
+def ts_problem(ts: pl.Expr) -> pl.Expr:
+    """The kind (a key of TS_PROBLEMS) of a `bad_ts` row's epoch seconds: the unit they look like, or what else is wrong."""
+    return (
+        pl.when(ts.is_null()).then(pl.lit("unparsable"))
+        .when(ts < 0).then(pl.lit("negative"))
+        .when(ts < MAX_TS_SECONDS * 10**3).then(pl.lit("milliseconds"))  # seconds below the bound once / 1000
+        .when(ts < MAX_TS_SECONDS * 10**6).then(pl.lit("microseconds"))
+        .otherwise(pl.lit("nanoseconds"))
+    )
+
+
+def _bad_ts(ts: pl.Expr) -> pl.Expr:
+    return ts.is_null() | (ts < 0) | (ts >= MAX_TS_SECONDS)
+
+
+def _non_finite(config: DatasetConfig, schema: pl.Schema) -> pl.Expr:
+    """True where a float numeric feature is NaN or ±inf: one such value would make the train mean/std NaN."""
+    columns = [f.column for f in config.numeric if schema[f.column].is_float()]
+    return pl.any_horizontal([~pl.col(c).is_finite().fill_null(True) for c in columns] or [pl.lit(False)])
 
 
 def _label_int(config: DatasetConfig, dtype: pl.DataType) -> pl.Expr:
@@ -157,9 +193,10 @@ def tag_rows(lf: pl.LazyFrame, config: DatasetConfig, source: str) -> TaggedLog:
         ("null_scenario", pl.col(c.scenario).is_null()),
         ("null_ts", pl.col(c.ts).is_null()),
         ("null_label", pl.col(c.label).is_null()),
-        ("bad_ts", pl.col(TS).is_null()),
+        ("bad_ts", _bad_ts(pl.col(TS))),
         ("bad_label", pl.col(LABEL).is_null()),
         ("unknown_scenario", pl.col(SCENARIO).is_null()),
+        ("bad_numeric", _non_finite(config, schema)),
     ]
     if config.split.method == "column":
         checks.append(("bad_split", ~pl.col(config.split.column).cast(pl.String).is_in(SPLIT_NAMES).fill_null(False)))
@@ -172,3 +209,28 @@ def tag_rows(lf: pl.LazyFrame, config: DatasetConfig, source: str) -> TaggedLog:
         .with_columns(reason.otherwise(pl.lit(None, dtype=pl.String)).alias(REASON))
     )
     return TaggedLog(frame=tagged, scenarios=scenarios)
+
+
+def tag_duplicates(frame: pl.DataFrame, columns: list[str], drop: bool) -> tuple[pl.DataFrame, int]:
+    """Count valid rows equal to an earlier row on every one of `columns`; with `drop`, reject them as `duplicate`.
+
+    `frame` is in log order, so the first copy is the one kept. Reject reasons depend only on these columns,
+    so the copies of a rejected row are rejected already and are not counted.
+    """
+    repeat = pl.col(REASON).is_null() & ~pl.struct(columns).is_first_distinct()
+    count = int(frame.select(repeat.sum()).item())
+    if drop and count:
+        frame = frame.with_columns(pl.when(repeat).then(pl.lit("duplicate")).otherwise(pl.col(REASON)).alias(REASON))
+    return frame, count
+
+
+def describe_rejects(counts: dict[str, int], ts_problems: dict[str, int], ts_column: str) -> str:
+    """Reject counts, most frequent reason first, with what the bad timestamps look like: for error messages and logs."""
+    parts = []
+    for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        detail = ""
+        if reason == "bad_ts" and ts_problems:
+            kinds = ", ".join(f"{k:,} {TS_PROBLEMS[kind]}" for kind, k in sorted(ts_problems.items()))
+            detail = f" (column '{ts_column}' should hold epoch seconds: {kinds})"
+        parts.append(f"{reason} {n:,}{detail}")
+    return ", ".join(parts)

@@ -64,14 +64,16 @@ def test_missing_source_named(tmp_path: Path) -> None:
         prepare(dataset_config(tmp_path / "nowhere"), tmp_path / "out")
 
 
-def test_non_empty_output_needs_overwrite(tmp_path: Path) -> None:
+def test_earlier_output_needs_overwrite_and_foreign_files_are_never_replaced(tmp_path: Path) -> None:
     log = write_log(tmp_path / "raw.parquet", GOOD)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(DataError, match="not empty; pass --overwrite"):
+    prepare(dataset_config(log), tmp_path / "out")
+    with pytest.raises(DataError, match="holds an earlier output; pass --overwrite"):
         prepare(dataset_config(log), tmp_path / "out")
     prepare(dataset_config(log), tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(DataError, match=r"holds \['keep.txt'\], which this command did not write"):
+        prepare(dataset_config(log), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 
 def test_empty_train_split_is_an_error(tmp_path: Path) -> None:

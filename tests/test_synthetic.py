@@ -323,7 +323,7 @@ def test_bad_config_values_raise_config_error_naming_the_key(tmp_path, key, valu
 def test_refuses_a_non_empty_output_directory_unless_overwriting_a_previous_output(tmp_path):
     out = tmp_path / "out"
     generate(tiny_config(days=3), out, progress=False)
-    with pytest.raises(MsitError, match="not empty"):
+    with pytest.raises(MsitError, match="holds an earlier output; pass --overwrite"):
         generate(tiny_config(days=2), out, progress=False)
 
     summary = generate(tiny_config(days=2), out, progress=False, overwrite=True)

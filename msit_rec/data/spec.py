@@ -91,6 +91,10 @@ class DatasetMeta:
     config: dict[str, Any]
     content_hash: str = ""
     created_by: str = field(default="msit-rec")
+    # Loud records of what is legal but suspicious (defaults keep older dataset.json files loading):
+    duplicate_rows: int = 0  # valid rows equal to an earlier one; also in rejects['duplicate'] when dropped
+    bad_ts: dict[str, int] = field(default_factory=dict)  # kind of the bad_ts rejects (milliseconds, negative, ...)
+    empty_scenarios: dict[str, list[str]] = field(default_factory=dict)  # split → declared scenarios with no rows
 
     def feature(self, name: str) -> FeatureSpec:
         for spec in self.features:
@@ -122,7 +126,20 @@ class DatasetMeta:
             lines.append(f"{split:<6} {'(all)':<16} {stats.rows:>12,} {1:>7.0%} {stats.clicks:>10,} {stats.ctr:>7.2%}")
         rejected = sum(self.rejects.values())
         lines.append(f"rows in {self.rows_in:,}; rejected {rejected:,} {self.rejects if rejected else ''}".rstrip())
-        return "\n".join(lines)
+        return "\n".join(lines + self.warnings())
+
+    def warnings(self) -> list[str]:
+        """One line per suspicious finding (bad timestamps, duplicates, empty scenarios): a summary must show them."""
+        lines = []
+        if self.bad_ts:
+            kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(self.bad_ts.items()))
+            lines.append(f"warning: bad_ts rows by kind (epoch seconds expected): {kinds}")
+        if self.duplicate_rows:
+            fate = "dropped as 'duplicate'" if self.rejects.get("duplicate") else "kept"
+            lines.append(f"warning: {self.duplicate_rows:,} exact duplicate rows ({fate})")
+        for split, names in self.empty_scenarios.items():
+            lines.append(f"warning: scenario(s) {names} have no rows in {split}")
+        return lines
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n")
