@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 from msit_rec.config import to_dict
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.metrics import RankedRows, optional_float, rank_rows, ranked_auc
-from msit_rec.metrics_file import METRICS_FILE, ModelMetrics, load_metrics, metrics_path, read_scores
+from msit_rec.metrics_file import ModelMetrics, load_metrics, metrics_path, read_scores
+from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
 from msit_rec.report import OVERALL, REPORT_OUTPUTS, write_report
 
 COMPARISON_FILE = "comparison.json"
 COMPARISON_VERSION = 1
+OUTPUT_FILES = (COMPARISON_FILE, *REPORT_OUTPUTS)  # what a comparison directory holds
 
 
 @dataclass
@@ -239,22 +241,21 @@ def compare(
     progress: bool = True,
 ) -> tuple[Comparison, list[Path]]:
     """Report (table, plots) of every model in `inputs` and, from their scores, the AUC differences to the first."""
-    models, score_files = collect_models(inputs)
     out_dir = Path(out_dir)
-    outputs = (COMPARISON_FILE, *REPORT_OUTPUTS)
-    existing = [name for name in (*outputs, METRICS_FILE) if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise DataError(f"output directory {out_dir} already holds {existing}; pass --overwrite to replace them")
+    for path in inputs:
+        check_no_overlap(path, out_dir, "input")
+    check_replaceable_dir(out_dir, overwrite, OUTPUT_FILES)
+    models, score_files = collect_models(inputs)
     label, scenario, scores = load_paired_scores(models, score_files)
     reference = next(iter(models.values()))
     scenario_names = list(reference.scenarios)
     differences = paired_bootstrap(label, scenario, scores, scenario_names, resamples, level, seed, progress=progress)
     comparison = Comparison(COMPARISON_VERSION, next(iter(models)), resamples, level, seed, differences)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / COMPARISON_FILE]
-    written[0].write_text(json.dumps(to_dict(comparison), indent=2) + "\n")
     title = f"Comparison on split '{reference.split}' (dataset {reference.dataset_hash[:12]})"
-    written += write_report(
-        {name: m.metrics for name, m in models.items()}, out_dir, title, sections=[difference_table(comparison)]
-    )
-    return comparison, written
+    with staged_dir(out_dir, overwrite, OUTPUT_FILES) as staging:
+        (staging / COMPARISON_FILE).write_text(json.dumps(to_dict(comparison), indent=2) + "\n")
+        written = [staging / COMPARISON_FILE]
+        written += write_report(
+            {name: m.metrics for name, m in models.items()}, staging, title, sections=[difference_table(comparison)]
+        )
+    return comparison, [out_dir / path.name for path in written]

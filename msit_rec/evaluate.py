@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
 from msit_rec.config import from_dict, read_yaml
@@ -38,8 +37,9 @@ from msit_rec.metrics_file import (
     write_scores,
 )
 from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
 from msit_rec.report import REPORT_OUTPUTS, write_report
-from msit_rec.train.checkpoint import check_checkpoint_dir, load_unsharded_state_dict
+from msit_rec.train.checkpoint import check_checkpoint_dir, check_state_matches, load_unsharded_state_dict
 
 FIT_CONFIG_FILE = "fit_config.yaml"
 # Scored rows live in host memory whatever device scores them: the metrics need ~200 bytes per row (more than an
@@ -96,36 +96,14 @@ def load_model(run: TrainedRun, checkpoint: Path, meta: DatasetMeta, device: tor
     """A plain (unsharded) RankingModel on `device` with the checkpoint's weights, in eval mode."""
     try:
         saved = load_unsharded_state_dict(checkpoint)
-    except CheckpointException as exc:  # DCP wraps the per-rank causes (a BaseException, not an Exception)
-        causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
-        raise DataError(f"checkpoint {checkpoint}: unreadable ({causes})") from None
     except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
         raise DataError(f"checkpoint {checkpoint}: unreadable ({type(exc).__name__}: {exc})") from None
     state = {key.removeprefix(MODULE_PREFIX): value for key, value in saved.items() if key.startswith(MODULE_PREFIX)}
     model = RankingModel(meta, run.model, device=device)
-    _check_state_matches(state, model.state_dict(), checkpoint)
+    check_state_matches({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in model.state_dict().items()},
+                        checkpoint)
     model.load_state_dict(state)
     return model.eval()
-
-
-def _check_state_matches(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], checkpoint: Path) -> None:
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    shapes = [
-        f"{key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in saved and saved[key].shape != value.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"missing {missing[:5]}" if missing else "",
-            f"unexpected {unexpected[:5]}" if unexpected else "",
-            f"shape mismatch {shapes[:5]}" if shapes else "",
-        ]
-        raise DataError(
-            f"checkpoint {checkpoint} does not fit the model built from dataset.json and its run's model config: "
-            + "; ".join(p for p in parts if p)
-        )
 
 
 def score_rows(
@@ -230,24 +208,23 @@ def model_names(run_dirs: list[Path]) -> list[str]:
 OUTPUT_FILES = (METRICS_FILE, SCORES_FILE, *REPORT_OUTPUTS)
 
 
-def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create `out_dir`; refuse to replace earlier results in it unless `overwrite` (other files are left alone)."""
-    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise DataError(f"output directory {out_dir} already holds {existing}; pass --overwrite to replace them")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_output_dir(out_dir: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, before any scoring, an `out_dir` that overlaps an input or holds results without `overwrite`."""
+    for path in inputs:
+        check_no_overlap(path, out_dir, "input")
+    check_replaceable_dir(out_dir, overwrite, OUTPUT_FILES)
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """metrics.json, scores.parquet, report.md and the plots; returns the paths written."""
+    """metrics.json, scores.parquet, report.md and the plots, swapped in together; returns the paths written."""
     out_dir = Path(out_dir)
-    claim_output_dir(out_dir, overwrite)
-    written = [save_metrics(evaluation.metrics, out_dir)]
-    write_scores(evaluation.rows, evaluation.scores, out_dir / SCORES_FILE)
-    written.append(out_dir / SCORES_FILE)
-    split_metrics = {name: model.metrics for name, model in evaluation.metrics.models.items()}
-    written += write_report(split_metrics, out_dir, title=_title(evaluation.metrics))
-    return written
+    with staged_dir(out_dir, overwrite, OUTPUT_FILES) as staging:
+        written = [save_metrics(evaluation.metrics, staging)]
+        write_scores(evaluation.rows, evaluation.scores, staging / SCORES_FILE)
+        written.append(staging / SCORES_FILE)
+        split_metrics = {name: model.metrics for name, model in evaluation.metrics.models.items()}
+        written += write_report(split_metrics, staging, title=_title(evaluation.metrics))
+    return [out_dir / path.name for path in written]
 
 
 def _title(metrics: MetricsFile) -> str:

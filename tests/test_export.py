@@ -322,9 +322,10 @@ def test_parity_gate_fails_on_a_program_that_differs_from_the_model(run: Path, t
             self.tables["item"].weight[2:] += 1e-3  # a bug in the serving path, invisible on a few rows by eye
 
     monkeypatch.setattr(exporter_module, "ServingModel", Tampered)
-    with pytest.raises(DataError, match="parity FAILED"):
+    with pytest.raises(DataError, match="parity FAILED: max .Δ logit. .* exceeds the bound"):
         export_run(run, tmp_path / "gated", parity_rows=500, progress=False)
-    manifest = Manifest.load(tmp_path / "gated")  # kept for inspection, and marked
+    assert not (tmp_path / "gated").exists()  # a failed artifact never takes the name serving reads
+    manifest = Manifest.load(tmp_path / "gated.parity-failed")  # kept for inspection, and marked
     assert not manifest.parity.passed and manifest.parity.rows == 500 and manifest.parity.max_abs_logit_diff > 1e-5
     kept = export_run(run, tmp_path / "kept", parity_rows=500, parity_gate=False, progress=False)
     assert not kept.parity.passed
@@ -332,14 +333,35 @@ def test_parity_gate_fails_on_a_program_that_differs_from_the_model(run: Path, t
 
 def test_parity_gate_fails_with_an_absurd_bound_and_the_cli_exits_non_zero(run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "int8"
+    export_run(run, out, parity_rows=300, progress=False)  # a good artifact the failing export must not touch
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code = main(["export", "--run", str(run), "--out", str(out), "--precision", "item=int8", "--parity_rows", "300",
-                 "--max_logit_diff", "1e-9", "--quiet"])
+                 "--max_logit_diff", "1e-9", "--overwrite", "--quiet"])
     assert code == 2
     assert "parity FAILED" in capsys.readouterr().err
-    parity = Manifest.load(out).parity
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    parity = Manifest.load(tmp_path / "int8.parity-failed").parity
     assert parity.tolerance == 1e-9 and parity.max_auc_drop == 1e-3 and not parity.passed
-    with pytest.raises(DataError, match="already holds an artifact"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8", "int8.parity-failed"]  # no staging left behind
+    with pytest.raises(DataError, match="holds an earlier output; pass --overwrite"):
         export_run(run, out, progress=False)
+
+
+def test_non_finite_logits_are_named_as_the_parity_failure(run: Path, tmp_path: Path, monkeypatch) -> None:
+    class Broken(ServingModel):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.tables["item"].weight[:] = float("nan")  # what a run trained on NaN features gives
+
+    monkeypatch.setattr(exporter_module, "ServingModel", Broken)
+    with pytest.raises(DataError, match="parity FAILED: non-finite logits"):
+        export_run(run, tmp_path / "nan", parity_rows=200, progress=False)
+
+
+def test_export_refuses_an_output_inside_the_run(run: Path, capsys) -> None:
+    code = main(["export", "--run", str(run), "--out", str(run / "artifact"), "--quiet"])
+    assert code == 2 and "overlaps --run" in capsys.readouterr().err
+    assert not (run / "artifact").exists()
 
 
 def test_cli_rejects_a_bad_precision_spec_naming_the_tables(run: Path, tmp_path: Path, capsys, meta) -> None:

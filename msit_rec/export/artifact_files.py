@@ -1,4 +1,5 @@
-"""The artifact directory on disk: claiming it, copying the data files serving needs, hashing what was written."""
+"""The artifact directory on disk: what it holds, copying the data files serving needs, hashing what was written,
+keeping an artifact that failed parity apart from the good one."""
 
 from __future__ import annotations
 
@@ -7,21 +8,20 @@ from pathlib import Path
 
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import DataError
+from msit_rec.outputs import check_replaceable_dir, replace_dir
 from msit_rec.serving.artifact import sha256_file
 from msit_rec.serving.contract import AOTI_FILE, DATASET_FILE, MANIFEST_FILE, PROGRAM_FILE, VOCAB_DIR
 
-ARTIFACT_ENTRIES = (MANIFEST_FILE, PROGRAM_FILE, AOTI_FILE, DATASET_FILE, VOCAB_DIR)
+ARTIFACT_ENTRIES = (MANIFEST_FILE, PROGRAM_FILE, AOTI_FILE, DATASET_FILE, VOCAB_DIR)  # an artifact holds these only
+FAILED_SUFFIX = ".parity-failed"
 
 
-def claim_artifact_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create `out_dir`; an earlier artifact in it is an error unless `overwrite`, which removes only its entries."""
-    existing = [name for name in ARTIFACT_ENTRIES if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise DataError(f"output directory {out_dir} already holds an artifact ({existing}); pass --overwrite")
-    for name in existing:
-        path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+def keep_failed_artifact(staging: Path, out_dir: Path) -> Path:
+    """Move a complete artifact that failed parity next to `out_dir` (as OUT.parity-failed) for inspection."""
+    failed = out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+    check_replaceable_dir(failed, overwrite=True, entries=ARTIFACT_ENTRIES, flag="failed artifact")
+    replace_dir(staging, failed)
+    return failed
 
 
 def copy_data_files(meta: DatasetMeta, data_dir: Path, out_dir: Path) -> list[str]:

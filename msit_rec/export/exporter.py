@@ -3,8 +3,9 @@
 Steps: load the (possibly N-process, sharded) checkpoint unsharded into one process; build the `ServingModel`
 with the chosen table precisions; `torch.export` it (optionally AOTInductor-compile it); copy dataset.json and
 the vocabularies; score the split with the eager model and the program *loaded back from disk*; write the
-manifest (with the parity report) last. A failed parity leaves the artifact marked `passed: false` and raises,
-unless the gate is switched off.
+manifest (with the parity report) last. All of it is written into a temporary sibling of `out_dir` that replaces
+it only when complete and passing: a failed parity leaves `out_dir` as it was, keeps the failed artifact (marked
+`passed: false`) in `OUT.parity-failed` for inspection and raises, unless the gate is switched off.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.evaluate import HOST, check_dataset, load_model, read_run, resolve_checkpoint
-from msit_rec.export.artifact_files import claim_artifact_dir, copy_data_files, hash_files
+from msit_rec.export.artifact_files import ARTIFACT_ENTRIES, copy_data_files, hash_files, keep_failed_artifact
 from msit_rec.export.inputs import batch_to_inputs, input_schema
-from msit_rec.export.parity import ParityBounds, describe_parity, paired_logits, parity_report
+from msit_rec.export.parity import ParityBounds, describe_parity, failure_cause, paired_logits, parity_report
 from msit_rec.export.precision import parse_precision
 from msit_rec.export.program import compile_aoti, export_program, load_program, save_program
 from msit_rec.export.serving_model import ServingModel, embedding_table_names
+from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
 from msit_rec.serving.contract import AOTI_FILE, ARTIFACT_VERSION, PROGRAM_FILE, InputSchema, Manifest, ParityReport
 
 EXAMPLE_ROWS = 16  # rows traced by torch.export (any number ≥ 2: the batch dimension stays symbolic)
@@ -67,50 +69,54 @@ def export_run(
     tables = parse_precision(precision, embedding_table_names(meta))
     if split not in meta.splits:
         raise ConfigError(f"--split {split!r}: the dataset has splits {list(meta.splits)}")
+    check_no_overlap(run.run_dir, out_dir, "--run")
+    check_no_overlap(run.data_dir, out_dir, "the run's examples")
+    check_replaceable_dir(out_dir, overwrite, ARTIFACT_ENTRIES)  # before the slow part; checked again at the swap
     ckpt = resolve_checkpoint(run, checkpoint)
     model = load_model(run, ckpt, meta, device)
     schema = input_schema(meta)
     dataset = ExamplesDataset(run.data_dir, split, batch_size)
-
-    claim_artifact_dir(out_dir, overwrite)
-    serving = ServingModel(model, meta, tables)
-    save_program(export_program(serving, _example_inputs(dataset, schema, device)), out_dir / PROGRAM_FILE)
-    programs = [PROGRAM_FILE]
-    if aoti:
-        compile_aoti(torch.export.load(out_dir / PROGRAM_FILE), out_dir / AOTI_FILE)
-        programs.append(AOTI_FILE)
-    written = programs + copy_data_files(meta, run.data_dir, out_dir)
-
     bounds = ParityBounds.for_precision(tables).overridden(max_logit_diff, max_auc_drop)
-    infos = [table.info() for table in serving.tables.values()]
-    table_bytes = (sum(t.fp32_bytes for t in infos), sum(t.bytes for t in infos))
-    checked = {}
-    for name in programs:  # each loaded back from disk: the files serving will run
-        pairs = paired_logits(model, load_program(out_dir / name), make_loader(dataset), schema, device,
-                              parity_rows, len(dataset), progress)
-        checked[name] = parity_report(pairs, split, meta.scenarios, bounds, *table_bytes)
-    manifest = Manifest(
-        artifact_version=ARTIFACT_VERSION,
-        created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        versions={"torch": torch.__version__, "msit_rec": msit_rec.__version__, "python": platform.python_version()},
-        run_dir=str(Path(run_dir).resolve()),
-        checkpoint=str(ckpt.resolve()),
-        dataset_name=meta.name,
-        dataset_hash=meta.content_hash,
-        model=to_dict(run.model),
-        inputs=schema,
-        tables=infos,
-        files=hash_files(out_dir, written),
-        aoti=aoti,
-        parity=_worst(checked),
-        notes=[*_parity_notes(checked), "the scenario embedding (S rows) is a dense module and always fp32"],
-    )
-    manifest.save(out_dir)
-    if parity_gate and not manifest.parity.passed:
-        raise DataError(
-            f"export parity FAILED; the artifact in {out_dir} is marked passed: false in its manifest "
-            f"(pass --no_parity_gate to keep it deliberately)\n{describe_parity(manifest.parity)}"
+    with staged_dir(out_dir, overwrite, ARTIFACT_ENTRIES) as staging:
+        serving = ServingModel(model, meta, tables)
+        save_program(export_program(serving, _example_inputs(dataset, schema, device)), staging / PROGRAM_FILE)
+        programs = [PROGRAM_FILE]
+        if aoti:
+            compile_aoti(torch.export.load(staging / PROGRAM_FILE), staging / AOTI_FILE)
+            programs.append(AOTI_FILE)
+        written = programs + copy_data_files(meta, run.data_dir, staging)
+
+        infos = [table.info() for table in serving.tables.values()]
+        table_bytes = (sum(t.fp32_bytes for t in infos), sum(t.bytes for t in infos))
+        checked = {}
+        for name in programs:  # each loaded back from disk: the files serving will run
+            pairs = paired_logits(model, load_program(staging / name), make_loader(dataset), schema, device,
+                                  parity_rows, len(dataset), progress)
+            checked[name] = parity_report(pairs, split, meta.scenarios, bounds, *table_bytes)
+        manifest = Manifest(
+            artifact_version=ARTIFACT_VERSION,
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            versions={"torch": torch.__version__, "msit_rec": msit_rec.__version__, "python": platform.python_version()},
+            run_dir=str(run.run_dir.resolve()),
+            checkpoint=str(ckpt.resolve()),
+            dataset_name=meta.name,
+            dataset_hash=meta.content_hash,
+            model=to_dict(run.model),
+            inputs=schema,
+            tables=infos,
+            files=hash_files(staging, written),
+            aoti=aoti,
+            parity=_worst(checked),
+            notes=[*_parity_notes(checked), "the scenario embedding (S rows) is a dense module and always fp32"],
         )
+        manifest.save(staging)
+        if parity_gate and not manifest.parity.passed:
+            failed = keep_failed_artifact(staging, out_dir)
+            raise DataError(
+                f"export parity FAILED: {failure_cause(manifest.parity)}; {out_dir} is unchanged and the failed "
+                f"artifact is in {failed} for inspection, marked passed: false (pass --no_parity_gate to keep it "
+                f"deliberately)\n{describe_parity(manifest.parity)}"
+            )
     return manifest
 
 

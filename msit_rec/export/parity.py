@@ -91,6 +91,7 @@ def parity_report(
 ) -> ParityReport:
     diff = (pairs.model - pairs.artifact).abs()
     max_diff = float(diff.max()) if not bool(diff.isnan().any()) else math.inf  # a NaN never passes
+    non_finite = [int((~torch.isfinite(logits)).sum()) for logits in (pairs.model, pairs.artifact)]
     per_scenario = {}
     for sid, name in enumerate(scenarios):
         mine = pairs.scenario == sid
@@ -112,8 +113,20 @@ def parity_report(
         scenarios=per_scenario,
         table_bytes_fp32=table_bytes_fp32,
         table_bytes_artifact=table_bytes_artifact,
-        passed=bool(passed),
+        passed=bool(passed) and not any(non_finite),
+        non_finite_model=non_finite[0],
+        non_finite_artifact=non_finite[1],
     )
+
+
+def failure_cause(report: ParityReport) -> str:
+    """The first thing to fix when parity fails: non-finite logits make every other figure meaningless."""
+    if report.non_finite_model or report.non_finite_artifact:
+        return (f"non-finite logits (NaN/inf) on {report.non_finite_model:,} rows from the trained model and "
+                f"{report.non_finite_artifact:,} from the artifact, of {report.rows:,}")
+    if report.tolerance is not None and not report.max_abs_logit_diff <= report.tolerance:
+        return f"max |Δ logit| {report.max_abs_logit_diff:.3g} exceeds the bound {report.tolerance:g}"
+    return f"a scenario's AUC drop exceeds the bound {report.max_auc_drop:g}"
 
 
 def describe_parity(report: ParityReport) -> str:

@@ -90,6 +90,8 @@ class ParityReport:
     table_bytes_fp32: int
     table_bytes_artifact: int
     passed: bool
+    non_finite_model: int = 0  # rows whose logit is NaN/±inf from the trained model (the run itself is broken)
+    non_finite_artifact: int = 0  # ... from the artifact's program
 
 
 @dataclass

@@ -3,8 +3,17 @@
 Layout of a checkpoint directory:
 - DCP files (`.metadata`, `*.distcp`): every tensor — model `state_dict` (sharded tables as sharded
   tensors, each rank writing its own shards) and optimizer state keyed by parameter name;
-- `trainer_state.pt` (rank 0, plain `torch.save`): everything else Lightning keeps (epoch, loops,
-  callbacks, LR schedulers, hyper-parameters) plus the dense optimizer's param-group hyper-parameters.
+- `trainer_state.pt` (rank 0): everything else Lightning keeps (epoch, loops, callbacks, LR schedulers) plus the
+  dense optimizer's param-group hyper-parameters and the dataset hash. Plain containers, numbers, strings and
+  tensors only: it is read with `torch.load(weights_only=True)`, so a checkpoint can never run code;
+- `checkpoint.json` (rank 0, written last): size and sha256 of every other file. A directory without it is
+  incomplete; one whose files disagree with it is corrupt. Both are refused with a one-line error.
+
+A save never touches the previous checkpoint of the same name until the new one is complete: every rank writes
+into `.NAME.partial`, rank 0 adds its files and the record once DCP has gathered every rank's writes, then swaps
+the directory into place (msit_rec.outputs.replace_dir); a barrier holds the other ranks until it is there. A kill
+at any moment leaves the previous checkpoint valid (in the few microseconds between the two renames of the swap
+it is kept as `.NAME.old-*`, which `recover_interrupted_swap` moves back).
 
 Because DCP stores global shapes and shard offsets, a checkpoint written by N processes loads into any
 other number of processes (resharding on load), and into one plain process for export.
@@ -12,19 +21,33 @@ other number of processes (resharding on load), and into one plain process for e
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from msit_rec.errors import DataError
+from msit_rec.outputs import replace_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
+RECORD_FILE = "checkpoint.json"
+RECORD_VERSION = 1
 TENSOR_KEYS = ("state_dict", "optimizer_states")  # parts of a Lightning checkpoint stored with DCP
+DATASET_HASH_KEY = "msit_dataset_hash"  # trainer_state key: content hash of the examples the run trains on
+_PARTIAL = ".partial"
+_OLD = ".old-"
 
 
 def split_checkpoint(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -34,36 +57,146 @@ def split_checkpoint(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     return tensors, rest
 
 
-def save_sharded(tensors: dict[str, Any], trainer_state: dict[str, Any], ckpt_dir: str | Path, is_rank_zero: bool) -> None:
-    """Write a checkpoint directory; collective: every rank must call it with its own shards."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_record(ckpt_dir: Path) -> None:
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(ckpt_dir.iterdir())
+        if p.is_file() and p.name != RECORD_FILE
+    }
+    path = ckpt_dir / RECORD_FILE
+    path.write_text(json.dumps({"version": RECORD_VERSION, "files": files}, indent=1) + "\n")
+    _fsync(path)
+
+
+def save_sharded(
+    tensors: dict[str, Any],
+    trainer_state: dict[str, Any],
+    ckpt_dir: str | Path,
+    is_rank_zero: bool,
+    barrier: Callable[[str], None],
+) -> None:
+    """Write a checkpoint directory atomically (see module docstring); collective: every rank must call it."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # `last` is rewritten every epoch: overwrite explicitly (the implicit default is deprecated)
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(ckpt_dir, overwrite=True))
+    staging = ckpt_dir.parent / f".{ckpt_dir.name}{_PARTIAL}"
     if is_rank_zero:
-        torch.save(trainer_state, ckpt_dir / TRAINER_STATE_FILE)
+        recover_interrupted_swap(ckpt_dir)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        staging.mkdir(parents=True)
+    barrier("msit_checkpoint_staging")
+    # returns on rank 0 only after every rank's shards are written (DCP gathers the write results, then metadata)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging))
+    if is_rank_zero:
+        torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+        _fsync(staging / TRAINER_STATE_FILE)
+        _write_record(staging)
+        replace_dir(staging, ckpt_dir)
+        _fsync(ckpt_dir.parent)
+    barrier("msit_checkpoint_swapped")
+
+
+def recover_interrupted_swap(ckpt_dir: str | Path) -> None:
+    """Move a complete `.NAME.old-*` back to NAME when a kill fell between the two renames of a swap."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() or not ckpt_dir.parent.is_dir():
+        return
+    kept = sorted(ckpt_dir.parent.glob(f".{ckpt_dir.name}{_OLD}*"), key=lambda p: p.stat().st_mtime)
+    complete = [p for p in kept if (p / RECORD_FILE).is_file()]
+    if complete:
+        complete[-1].rename(ckpt_dir)
 
 
 def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
-    """The checkpoint directory as a Path, or a DataError saying what is missing."""
+    """The checkpoint directory as a Path once it is complete and intact, else a DataError saying what is wrong."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / ".metadata").is_file() or not (ckpt_dir / TRAINER_STATE_FILE).is_file():
+    recover_interrupted_swap(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise DataError(f"checkpoint {ckpt_dir}: no such directory")
+    record_path = ckpt_dir / RECORD_FILE
+    if not record_path.is_file():
         raise DataError(
-            f"checkpoint {ckpt_dir}: not a sharded checkpoint directory (expected DCP '.metadata' and "
-            f"'{TRAINER_STATE_FILE}' inside it)"
+            f"checkpoint {ckpt_dir}: incomplete (no {RECORD_FILE}: the save was interrupted, or the directory is not "
+            f"an msit-rec checkpoint)"
         )
+    try:
+        files = json.loads(record_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"checkpoint {record_path}: unreadable record ({type(exc).__name__}: {exc})") from None
+    for name, expected in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise DataError(f"checkpoint {ckpt_dir}: file {name} is missing")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise DataError(f"checkpoint {ckpt_dir}: file {name} is corrupt (its size or sha256 differs from {RECORD_FILE})")
     return ckpt_dir
+
+
+def checkpoint_shapes(ckpt_dir: str | Path) -> dict[str, torch.Size]:
+    """Global shape of every model tensor in a checkpoint, keyed like the LightningModule's state_dict."""
+    metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    prefix = "state_dict."
+    return {
+        key.removeprefix(prefix): value.size
+        for key, value in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)
+    }
+
+
+def check_state_matches(saved: dict[str, torch.Size], expected: dict[str, torch.Size], checkpoint: Path) -> None:
+    """DataError naming the missing, unexpected and mis-shaped tensors when a checkpoint does not fit a model."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [
+        f"{key}: checkpoint {tuple(saved[key])} vs model {tuple(shape)}"
+        for key, shape in expected.items()
+        if key in saved and tuple(saved[key]) != tuple(shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            f"shape mismatch {shapes[:5]}" if shapes else "",
+        ]
+        raise DataError(
+            f"checkpoint {checkpoint} does not fit the model built from dataset.json and the model config: "
+            + "; ".join(p for p in parts if p)
+        )
 
 
 def load_sharded_into(template: dict[str, Any], ckpt_dir: str | Path) -> dict[str, Any]:
     """Load DCP tensors in place into `template` (this rank's tensors, already sharded) and return it."""
-    dcp.load(template, checkpoint_id=check_checkpoint_dir(ckpt_dir))
+    ckpt_dir = check_checkpoint_dir(ckpt_dir)
+    try:
+        dcp.load(template, checkpoint_id=ckpt_dir)
+    except CheckpointException as exc:  # DCP wraps the per-rank causes (a BaseException, not an Exception)
+        causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
+        raise DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})") from None
     return template
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The non-tensor part of a checkpoint (trusted file written by this project)."""
-    return torch.load(check_checkpoint_dir(ckpt_dir) / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    """The non-tensor part of a checkpoint; loaded with weights_only=True (no code runs from the file)."""
+    path = check_checkpoint_dir(ckpt_dir) / TRAINER_STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"checkpoint {path}: not loadable as plain data ({first})") from None
 
 
 def load_unsharded_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -74,7 +207,11 @@ def load_unsharded_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     ckpt_dir = check_checkpoint_dir(ckpt_dir)
     with tempfile.TemporaryDirectory() as tmp:
         plain_path = Path(tmp) / "unsharded.pt"
-        dcp_to_torch_save(ckpt_dir, plain_path)
+        try:
+            dcp_to_torch_save(ckpt_dir, plain_path)
+        except CheckpointException as exc:
+            causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
+            raise DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})") from None
         return torch.load(plain_path, map_location="cpu", weights_only=True)
 
 

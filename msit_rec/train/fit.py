@@ -1,13 +1,19 @@
 """`msit-rec fit`: train a model variant on a prepared dataset, from one CPU process to many GPUs/hosts.
 
-All checks that can fail (config keys, model/dataset compatibility, devices) run before the first step.
-Outputs under `out_dir`: `checkpoints/best` (by validation AUC) and `checkpoints/last` (sharded DCP
-directories), `fit_config.yaml`, CSV and TensorBoard logs.
+All checks that can fail (config keys, model/dataset compatibility, devices, the output directory, the checkpoint
+to resume from) run before any process starts or anything is written. Outputs under `out_dir`:
+`checkpoints/best.ckpt` (by validation AUC) and `checkpoints/last.ckpt` (sharded DCP directories, each swapped
+into place only when complete), `fit_config.yaml`, `fit_result.json`, CSV and TensorBoard logs.
+
+An existing run is never retrained silently: `resume` continues it from a checkpoint (which must be complete,
+intact, and trained on the same examples), `overwrite` replaces it — the old run is set aside as a hidden
+sibling until the new fit has finished, and put back if it fails.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,9 +26,17 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
-from msit_rec.errors import ConfigError
-from msit_rec.host import tune_glibc_malloc
+from msit_rec.errors import ConfigError, DataError
+from msit_rec.host import is_launching_process, tune_glibc_malloc
 from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.outputs import check_replaceable_dir, replace_dir, sibling
+from msit_rec.train.checkpoint import (
+    DATASET_HASH_KEY,
+    check_checkpoint_dir,
+    check_state_matches,
+    checkpoint_shapes,
+    load_trainer_state,
+)
 from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
 from msit_rec.train.sharding import ShardingConfig
 from msit_rec.train.strategy import TorchRecStrategy, check_devices
@@ -58,6 +72,10 @@ class TrainerConfig:
         for name in ("devices", "num_nodes", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_epochs == 0 or self.max_epochs < -1:
+            raise ValueError(f"max_epochs must be >= 1 (or -1 with max_steps > 0), got {self.max_epochs}")
+        if self.max_epochs == -1 and self.max_steps <= 0:
+            raise ValueError("max_epochs=-1 (no epoch limit) needs max_steps > 0")
 
 
 @dataclass
@@ -75,34 +93,103 @@ class FitResult:
     global_rank: int  # every process returns a result; only rank 0 should report it
 
 
-def check_model_fits_dataset(meta: DatasetMeta, model: ModelConfig) -> None:
+FIT_CONFIG_FILE = "fit_config.yaml"
+FIT_RESULT_FILE = "fit_result.json"
+CHECKPOINT_DIR = "checkpoints"
+# What a run directory holds; anything else in --out is a user's file that fit refuses to write beside or replace.
+RUN_ENTRIES = (FIT_CONFIG_FILE, FIT_RESULT_FILE, CHECKPOINT_DIR, "logs", "tensorboard")
+
+
+def check_model_fits_dataset(meta: DatasetMeta, model: ModelConfig) -> RankingModel:
     """Build the model on the meta device once: shape or table mismatches surface here, before any process starts."""
-    RankingModel(meta, model, device=torch.device("meta"))
+    return RankingModel(meta, model, device=torch.device("meta"))
 
 
-def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: str | Path | None = None) -> FitResult:
+def check_resumable(ckpt_dir: Path, meta: DatasetMeta, model: RankingModel) -> None:
+    """DataError unless `ckpt_dir` is a complete, intact checkpoint of this model trained on these examples."""
+    check_checkpoint_dir(ckpt_dir)
+    saved_hash = load_trainer_state(ckpt_dir).get(DATASET_HASH_KEY)
+    if saved_hash != meta.content_hash:
+        raise DataError(
+            f"--resume {ckpt_dir}: trained on examples with content_hash {saved_hash!r}, but --data has "
+            f"{meta.content_hash!r} (re-prepared?); resume needs the same examples — start a new run instead"
+        )
+    expected = {f"model.{key}": value.shape for key, value in model.state_dict().items()}
+    check_state_matches(checkpoint_shapes(ckpt_dir), expected, ckpt_dir)
+
+
+def _check_out_dir(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+    if resume is not None:
+        return  # continues in place: files beside the run are not at risk
+    check_replaceable_dir(out_dir, overwrite=True, entries=RUN_ENTRIES)  # only a user's own files are refused here
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out {out_dir}: holds a run already; pass --resume {out_dir / CHECKPOINT_DIR / 'last.ckpt'} to "
+            f"continue it, or --overwrite to replace it"
+        )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = sibling(path, ".tmp-")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def fit(
+    config: FitConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+) -> FitResult:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    resume = Path(resume) if resume is not None else None
     meta = DatasetMeta.load(data_dir)
-    check_model_fits_dataset(meta, config.model)
+    model = check_model_fits_dataset(meta, config.model)
     t = config.trainer
     check_devices(t.accelerator, t.devices)
-    if resume is not None and not Path(resume).is_dir():
-        raise ConfigError(f"--resume {resume}: no checkpoint directory there")
+    if not is_launching_process():  # a rank started by the launcher: the first process has checked and set up
+        return _train(config, meta, data_dir, out_dir, resume)
+    _check_out_dir(out_dir, resume, overwrite)
+    if resume is not None:
+        check_resumable(resume, meta, model)
+    set_aside = None
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        set_aside = sibling(out_dir, ".old-")
+        out_dir.rename(set_aside)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / FIT_CONFIG_FILE, yaml.safe_dump(
+        {"data": str(data_dir), "dataset_hash": meta.content_hash, **to_dict(config)}, sort_keys=False
+    ))
+    try:
+        result = _train(config, meta, data_dir, out_dir, resume)
+    except BaseException:
+        if set_aside is not None:
+            replace_dir(set_aside, out_dir)  # the failed new run goes, the old one comes back
+        elif created and not any((out_dir / CHECKPOINT_DIR).glob("*.ckpt")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+        raise
+    if set_aside is not None:
+        shutil.rmtree(set_aside, ignore_errors=True)
+    return result
+
+
+def _train(config: FitConfig, meta: DatasetMeta, data_dir: Path, out_dir: Path, resume: Path | None) -> FitResult:
+    t = config.trainer
     if t.tune_malloc:
         tune_glibc_malloc()
     pl.seed_everything(t.seed, workers=True, verbose=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fit_config.yaml").write_text(
-        yaml.safe_dump({"data": str(data_dir), "dataset_hash": meta.content_hash, **to_dict(config)}, sort_keys=False)
-    )
     best = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best", monitor="val/auc", mode="max", save_top_k=1,
+        dirpath=out_dir / CHECKPOINT_DIR, filename="best", monitor="val/auc", mode="max", save_top_k=1,
         enable_version_counter=False,
     )
     # Lightning's save_last rewrites `last` only in epochs where the monitored metric improved: keep the latest
     # state with a checkpoint of its own (no monitor = the most recent epoch)
     last = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
+        dirpath=out_dir / CHECKPOINT_DIR, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
     )
     trainer = pl.Trainer(
         accelerator=t.accelerator,
@@ -137,5 +224,5 @@ def fit(config: FitConfig, data_dir: str | Path, out_dir: str | Path, resume: st
         global_rank=trainer.global_rank,
     )
     if trainer.is_global_zero:
-        (out_dir / "fit_result.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
+        _write_text(out_dir / FIT_RESULT_FILE, json.dumps(result.__dict__, indent=2) + "\n")
     return result

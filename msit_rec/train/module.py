@@ -21,7 +21,9 @@ from torchmetrics.classification import BinaryAUROC
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
+from msit_rec.errors import TrainingError
 from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.train.checkpoint import DATASET_HASH_KEY
 from msit_rec.train.optim import dense_parameters
 
 
@@ -48,6 +50,7 @@ class RankingModule(pl.LightningModule):
         super().__init__()
         self.model = RankingModel(meta, model_config)
         self.optim = optim
+        self.dataset_hash = meta.content_hash
         self.val_auc = BinaryAUROC()
 
     def forward(self, batch: Batch) -> torch.Tensor:  # [B] logits
@@ -59,8 +62,26 @@ class RankingModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._weighted_loss(self(batch), batch)
+        self._stop_on_non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.batch_size)
         return loss
+
+    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a NaN/inf loss reaches the weights (and every later checkpoint), on every rank at once."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:  # one rank's bad batch stops all: a lone raise would leave the rest waiting
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        ranks = int(bad.item())
+        if ranks > 0:
+            raise TrainingError(
+                f"training loss is not finite (nan/inf on {ranks} of {self.trainer.world_size} process(es)) at step "
+                f"{self.trainer.global_step} "
+                f"(epoch {self.current_epoch}); the weights were not updated with it. Lower trainer.optim.dense_lr "
+                f"or sharding.embedding_lr, or check the examples' numeric features"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[DATASET_HASH_KEY] = self.dataset_hash  # resume refuses examples the run was not trained on
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch)

@@ -168,13 +168,12 @@ class TorchRecStrategy(DDPStrategy):
             rest[DENSE_PARAM_GROUPS_KEY] = [
                 {k: v for k, v in group.items() if k != "params"} for group in self._dense_optimizer.param_groups
             ]
-        save_sharded(tensors, rest, filepath, is_rank_zero=self.is_global_zero)
+        save_sharded(tensors, rest, filepath, is_rank_zero=self.is_global_zero, barrier=self.barrier)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Collective: load this rank's shards (any saving world size) into the already sharded model.
 
-        `weights_only` is accepted for Lightning's signature; trainer_state.pt is written by this project
-        and holds non-tensor objects (loop and callback state), so it is always fully unpickled.
+        `weights_only` is accepted for Lightning's signature; trainer_state.pt is always read with weights_only=True.
         """
         checkpoint = load_trainer_state(checkpoint_path)
         template: dict[str, Any] = {"state_dict": self.lightning_module.state_dict()}
