@@ -129,7 +129,7 @@ def test_compare_pairs_separate_evaluations(runs: dict, tmp_path: Path) -> None:
                                   progress=False)
     assert comparison.reference == "shared" and list(comparison.differences) == ["msit"]
     assert all(path.stat().st_size > 0 for path in written)
-    with pytest.raises(DataError, match="already holds"):
+    with pytest.raises(DataError, match="holds an earlier output; pass --overwrite"):
         compare([tmp_path / "shared", tmp_path / "msit"], tmp_path / "cmp", resamples=200, progress=False)
 
 
@@ -214,7 +214,7 @@ def test_missing_checkpoint_directory_is_named(runs: dict, tmp_path: Path) -> No
     shutil.rmtree(run / "checkpoints" / "last.ckpt")
     with pytest.raises(DataError, match=r"last\.ckpt.*no such directory"):
         evaluate_runs([run], checkpoint="last", progress=False)
-    with pytest.raises(DataError, match="not a sharded checkpoint"):
+    with pytest.raises(DataError, match="incomplete"):
         evaluate_runs([run], checkpoint=str(tmp_path), progress=False)
 
 
@@ -232,7 +232,7 @@ def test_corrupt_checkpoint_is_named(runs: dict, tmp_path: Path) -> None:
     run = copy_run(runs["msit"], tmp_path / "run")
     shard = next((run / "checkpoints" / "best.ckpt").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(DataError, match=r"checkpoint .*best\.ckpt: unreadable"):
+    with pytest.raises(DataError, match=rf"checkpoint .*best\.ckpt: file {shard.name} is corrupt"):
         evaluate_runs([run], progress=False)
 
 
@@ -266,3 +266,41 @@ def test_compare_refuses_results_it_cannot_pair(evaluated: Path, tmp_path: Path)
     scores.with_columns(pl.col("label").reverse()).write_parquet(other / "scores.parquet")
     with pytest.raises(DataError, match="differ from the first model"):
         compare([evaluated, other], tmp_path / "cmp", progress=False)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_write_keeps_the_previous_evaluation_and_comparison(runs, evaluated, tmp_path, monkeypatch) -> None:
+    import msit_rec.compare as compare_module
+    import msit_rec.evaluate as evaluate_module
+
+    out, cmp = tmp_path / "evaluation", tmp_path / "comparison"
+    shutil.copytree(evaluated, out)
+    compare([out], cmp, resamples=50, progress=False)
+    before = {"evaluation": tree_bytes(out), "comparison": tree_bytes(cmp)}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")  # after metrics.json / comparison.json were written
+
+    monkeypatch.setattr(evaluate_module, "write_report", crash)
+    monkeypatch.setattr(compare_module, "write_report", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_evaluation(evaluate_runs([runs["msit"]], progress=False), out, overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        compare([out], cmp, resamples=50, overwrite=True, progress=False)
+    assert {"evaluation": tree_bytes(out), "comparison": tree_bytes(cmp)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison", "evaluation"]  # no staging left
+
+
+def test_outputs_overlapping_inputs_or_holding_other_files_are_refused(runs, evaluated, tmp_path, capsys) -> None:
+    code = main(["evaluate", "--run", str(runs["msit"]), "--out", str(runs["msit"] / "eval"), "--quiet"])
+    assert code == 2 and "overlaps input" in capsys.readouterr().err
+    assert not (runs["msit"] / "eval").exists()
+    code = main(["compare", str(evaluated), "--out", str(evaluated), "--overwrite", "--quiet"])
+    assert code == 2 and "overlaps input" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    code = main(["evaluate", "--run", str(runs["msit"]), "--out", str(tmp_path), "--overwrite", "--quiet"])
+    assert code == 2 and "notes.txt" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
