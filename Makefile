@@ -28,9 +28,8 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/msit-rec generate --config configs/generate/demo.yaml --out $(DEMO_DIR)/raw --overwrite
 	$(BIN)/msit-rec prepare --config configs/datasets/synthetic.yaml --source $(DEMO_DIR)/raw --out $(DEMO_DIR)/examples --overwrite
-	rm -rf $(DEMO_DIR)/msit $(DEMO_DIR)/shared
-	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/msit.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/msit --set trainer.max_epochs=1 --quiet
-	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/shared.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/shared --set trainer.max_epochs=1 --quiet
+	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/msit.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/msit --set trainer.max_epochs=1 --overwrite --quiet
+	$(BIN)/msit-rec fit --data $(DEMO_DIR)/examples --model configs/model/shared.yaml --trainer configs/trainer/multiprocess.yaml --out $(DEMO_DIR)/shared --set trainer.max_epochs=1 --overwrite --quiet
 	$(BIN)/msit-rec evaluate --run $(DEMO_DIR)/msit --run $(DEMO_DIR)/shared --split test --out $(DEMO_DIR)/evaluation --overwrite --quiet
 	$(BIN)/msit-rec compare $(DEMO_DIR)/evaluation --out $(DEMO_DIR)/comparison --overwrite --quiet
 	$(BIN)/msit-rec export --run $(DEMO_DIR)/msit --out $(DEMO_DIR)/artifact --overwrite --quiet

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msit_rec.modules import ScenarioGate, ScenarioTower, TargetAttention, lengths_to_mask
+from msit_rec.fit_config import ModelConfig
+from msit_rec.modules import RankingHead, TargetAttention, lengths_to_mask
 
 S, D, E = 5, 32, 8
-TOWER_IN = 20 * 16 + 3 * 32 + E + 2  # user/context features, target + interest + one more D, e(s), dense
+POOLED, DENSE = 20 * 16 + D, 2  # user/context features (and one more D), dense features
+MODEL = ModelConfig(variant="msit", attention_hidden=[64, 32], tower_hidden=[512, 256])
 
 
 class NaiveAttention(TargetAttention):
@@ -41,17 +43,18 @@ class NaiveAttention(TargetAttention):
 
 
 class DenseStack(nn.Module):
+    """The model's RankingHead over padded behaviours (one context per row), with the attention class given."""
+
     def __init__(self, attention: type[TargetAttention]) -> None:
         super().__init__()
-        self.table = nn.Parameter(torch.randn(S, E))
-        self.gate = ScenarioGate(D, E, S)
-        self.attention = attention(D, (64, 32), scenario_dim=E)
-        self.tower = ScenarioTower(TOWER_IN, E, (512, 256))
+        self.head = RankingHead(MODEL, pooled_dim=POOLED, dim=D, dense_dim=DENSE, scenario_dim=E, num_scenarios=S)
+        self.head.attention = attention(D, MODEL.attention_hidden, scenario_dim=E)
 
-    def forward(self, behaviours, behaviour_scenario, scenario, target, mask, other):
-        e = self.table[scenario]
-        interest = self.attention(self.gate(behaviours, behaviour_scenario, scenario, self.table), target, mask, e)
-        return self.tower(torch.cat([other, target, interest, e], dim=-1), e)
+    def forward(self, behaviours, behaviour_scenario, scenario, target, mask, pooled, dense):
+        e = self.head.scenario_vectors(scenario)
+        gated = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
+        interest = self.head.interest_padded(gated, mask, target, e, torch.arange(scenario.shape[0]))
+        return self.head(pooled, target, interest, dense, scenario, e)
 
 
 def make_inputs(batch: int, length: int) -> tuple[torch.Tensor, ...]:
@@ -61,7 +64,8 @@ def make_inputs(batch: int, length: int) -> tuple[torch.Tensor, ...]:
         torch.randint(0, S, (batch,)),
         torch.randn(batch, D, requires_grad=True),
         lengths_to_mask(torch.randint(0, length + 1, (batch,)), length),
-        torch.randn(batch, TOWER_IN - 2 * D - E, requires_grad=True),
+        torch.randn(batch, POOLED, requires_grad=True),
+        torch.randn(batch, DENSE),
     )
 
 
@@ -171,7 +175,7 @@ def main() -> None:
             "scenario_dim": E,
             "scenarios": S,
             "attention_hidden": [64, 32],
-            "tower_in": TOWER_IN,
+            "tower_in": DenseStack(TargetAttention).head.tower.mlp.linears[0].in_features,
             "tower_hidden": [512, 256],
             "threads": args.threads,
             "repeats": args.repeats,

@@ -1,7 +1,8 @@
 """Benchmark: generate + prepare at 1M and 10M synthetic rows (L=50), against a pandas history baseline.
 
 For each size: wall time and peak RSS of `msit-rec generate` and `msit-rec prepare` (each in its own process,
-so peak RSS is that stage's own), rows/s, and bytes on disk per example. On the 1M log, the history building
+so peak RSS is that stage's own), rows/s, and bytes on disk per example — for both data contracts: v1 (click
+histories) and v2 (every impression in the history with its feedback: `events: all, feedback: label`). On the 1M log, the history building
 alone is also run the way most teams write it (pandas groupby + a per-user Python loop) and compared with
 msit-rec's vectorised history building on the same rows; both must give the same histories.
 
@@ -92,29 +93,41 @@ def ours_histories(config: DatasetConfig) -> tuple[float, dict[int, list]]:
     return seconds, decoded
 
 
-def bench_size(rows: int, work: Path) -> dict:
+CONTRACTS = {  # prepare overrides per data contract
+    "v1": [],
+    "v2": ["--set", "history.events=all", "--set", "history.feedback=label"],
+}
+
+
+def bench_size(rows: int, work: Path) -> list[dict]:
+    """One generated log, prepared once per contract: a row per contract (the generate figures repeat)."""
     users = max(1000, rows // ROWS_PER_USER)
-    raw, examples = work / f"raw_{rows}", work / f"examples_{rows}"
+    raw = work / f"raw_{rows}"
     gen_s, gen_rss = run_measured(
         cli("generate", "--config", str(GENERATE_CONFIG), "--out", str(raw), "--set", f"users={users}")
     )
-    prep_s, prep_rss = run_measured(
-        cli("prepare", "--config", str(DATASET_CONFIG), "--source", str(raw), "--out", str(examples))
-    )
-    meta = json.loads((examples / "dataset.json").read_text())
-    actual_rows = meta["rows_in"]
-    shard_bytes = sum((examples / f).stat().st_size for s in meta["splits"].values() for f in s["files"])
-    return {
-        "rows": actual_rows,
-        "generate_s": gen_s,
-        "generate_rows_per_s": actual_rows / gen_s,
-        "generate_peak_rss_gib": gen_rss,
-        "prepare_s": prep_s,
-        "prepare_rows_per_s": actual_rows / prep_s,
-        "prepare_peak_rss_gib": prep_rss,
-        "bytes_per_example": shard_bytes / actual_rows,
-        "raw": raw,
-    }
+    results = []
+    for contract, overrides in CONTRACTS.items():
+        examples = work / f"examples_{rows}_{contract}"
+        prep_s, prep_rss = run_measured(
+            cli("prepare", "--config", str(DATASET_CONFIG), "--source", str(raw), "--out", str(examples), *overrides)
+        )
+        meta = json.loads((examples / "dataset.json").read_text())
+        actual_rows = meta["rows_in"]
+        shard_bytes = sum((examples / f).stat().st_size for s in meta["splits"].values() for f in s["files"])
+        results.append({
+            "rows": actual_rows,
+            "contract": contract,
+            "generate_s": gen_s,
+            "generate_rows_per_s": actual_rows / gen_s,
+            "generate_peak_rss_gib": gen_rss,
+            "prepare_s": prep_s,
+            "prepare_rows_per_s": actual_rows / prep_s,
+            "prepare_peak_rss_gib": prep_rss,
+            "bytes_per_example": shard_bytes / actual_rows,
+            "raw": raw,
+        })
+    return results
 
 
 def baseline(raw: Path) -> dict:
@@ -138,15 +151,15 @@ def main() -> None:
     results: dict = {"sizes": [], "baseline": None}
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         for size in sorted(args.sizes):
-            result = bench_size(size, Path(tmp))
-            raw = result.pop("raw")
-            results["sizes"].append(result)
+            for result in bench_size(size, Path(tmp)):
+                raw = result.pop("raw")
+                results["sizes"].append(result)
             if results["baseline"] is None:
                 results["baseline"] = baseline(raw)
-    print(f"{'rows':>11} {'gen s':>7} {'gen rows/s':>11} {'gen GiB':>8} {'prep s':>7} {'prep rows/s':>12} "
-          f"{'prep GiB':>9} {'B/example':>10}")
+    print(f"{'rows':>11} {'contract':>8} {'gen s':>7} {'gen rows/s':>11} {'gen GiB':>8} {'prep s':>7} "
+          f"{'prep rows/s':>12} {'prep GiB':>9} {'B/example':>10}")
     for r in results["sizes"]:
-        print(f"{r['rows']:>11,} {r['generate_s']:>7.1f} {r['generate_rows_per_s']:>11,.0f} "
+        print(f"{r['rows']:>11,} {r['contract']:>8} {r['generate_s']:>7.1f} {r['generate_rows_per_s']:>11,.0f} "
               f"{r['generate_peak_rss_gib']:>8.2f} {r['prepare_s']:>7.1f} {r['prepare_rows_per_s']:>12,.0f} "
               f"{r['prepare_peak_rss_gib']:>9.2f} {r['bytes_per_example']:>10.1f}")
     b = results["baseline"]

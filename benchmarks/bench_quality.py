@@ -7,7 +7,14 @@ epochs, same optimisers and batch size; the checkpoint kept is the best on the v
   from one *other* scenario (configs/generate/transfer.yaml), so what a behaviour says depends on where it happened and where the
   impression is: the signal the scenario gate of `msit` is built for. Static interest is weak.
 - (b) `movielens`: ml-latest-small from ../shared/data (scenario = group of the movie's first genre, click =
-  rating >= 4, time split; configs/datasets/movielens.yaml). Skipped, with a message, when the folder is absent.
+  rating >= 4, time split; histories of every rated movie with its rating as feedback: configs/datasets/
+  movielens.yaml). Skipped, with a message, when the folder is absent.
+- (c) `movielens_shelves`: the same ratings with scenario = the movie's popularity shelf (head / torso / tail;
+  configs/datasets/movielens_shelves.yaml): users cross shelves as much as genre groups, CTR differs far more.
+
+Claims use the paired bootstrap of `msit-rec compare` on the test split, per seed: for every other variant and
+slice, the difference to `msit` with its 95 % interval; the report counts the seeds where `msit` is ahead beyond
+the interval and where it is behind beyond it.
 
 Each fit runs in this process on one device (`msit_rec.train.fit.fit`, devices=1); each seed's six runs are then
 scored on the test split in-process (`msit_rec.evaluate.evaluate_runs`: exact per-scenario AUC, GAUC, logloss),
@@ -18,7 +25,7 @@ of (b)), quality.json (every number, per seed too), quality_auc.png (mean test A
 error bars = std over seeds).
 
     python benchmarks/bench_quality.py [--quick] [--out benchmarks/results/quality] [--seeds N] [--epochs N]
-                                       [--datasets transfer,movielens]
+                                       [--datasets transfer,movielens,movielens_shelves]
 
 `--quick`: 1 seed, 1 epoch of 60 batches, a smaller generated world: a smoke test of a few minutes on 2 cores. The expected
 runtime is printed before training starts (quick mode also extrapolates the full run from its measured speed).
@@ -95,7 +102,8 @@ class Budget:
         return per_epoch * self.epochs
 
 
-FULL = Budget(seeds=3, epochs=3)
+FULL = Budget(seeds=5, epochs=3)
+BOOTSTRAP_RESAMPLES = 1000
 QUICK = Budget(seeds=1, epochs=1, train_batches=60)
 # Runtime model for the estimate printed before training, from --quick runs on the idle 2-core dev machine
 # (≈ 21k training rows/s on `transfer` (L=20), ≈ 9.5k on MovieLens (L=50), batch 512, validation included):
@@ -122,12 +130,18 @@ def prepare_transfer(root: Path, quick: bool) -> Path:
     return root / "examples"
 
 
-def prepare_movielens(root: Path) -> Path:
+MOVIELENS_CONFIGS = {
+    "movielens": ("configs/datasets/movielens.yaml", "MovieLens ml-latest-small, scenario = genre group"),
+    "movielens_shelves": ("configs/datasets/movielens_shelves.yaml",
+                          "MovieLens ml-latest-small, scenario = popularity shelf (head / torso / tail)"),
+}
+
+
+def prepare_movielens(root: Path, config_file: str) -> Path:
     from pipelines.config import DatasetConfig
     from pipelines.prepare import prepare
 
-    config = load_config(REPO / "configs/datasets/movielens.yaml", DatasetConfig, "dataset",
-                         [f"source.path={MOVIELENS_DIR}"])
+    config = load_config(REPO / config_file, DatasetConfig, "dataset", [f"source.path={MOVIELENS_DIR}"])
     prepare(config, root / "examples", overwrite=True)
     return root / "examples"
 
@@ -143,7 +157,8 @@ def smallest_scenario(meta: DatasetMeta) -> str:
 
 def fit_variant(data: Path, variant: str, seed: int, budget: Budget, run_dir: Path) -> float | None:
     """Train one variant with the shared budget into `run_dir` (replaced); returns its best validation AUC."""
-    from msit_rec.train.fit import FitConfig, fit
+    from msit_rec.fit_config import FitConfig
+    from msit_rec.train.fit import fit
 
     sections = {
         "model": read_yaml(REPO / f"configs/model/{variant}.yaml")["model"],
@@ -155,13 +170,55 @@ def fit_variant(data: Path, variant: str, seed: int, budget: Budget, run_dir: Pa
     return fit(config, data, run_dir).best_val_auc
 
 
-def evaluate_seed(data: Path, run_dirs: list[Path], out_dir: Path) -> dict[str, SplitMetrics]:
-    """Test-split metrics of each run (paired rows), also written as a per-seed report; run dir name = variant."""
+def evaluate_seed(data: Path, run_dirs: list[Path], out_dir: Path) -> tuple[dict[str, SplitMetrics], dict]:
+    """Test-split metrics of each run (paired rows), written as a per-seed report, and the paired bootstrap of every
+    variant against the first run (`msit`): {variant: {slice: AucDifference as a dict}}. Run dir name = variant."""
+    from msit_rec.compare import compare
+    from msit_rec.config import to_dict
     from msit_rec.evaluate import evaluate_runs, write_evaluation
 
     evaluation = evaluate_runs(run_dirs, "best", "test", data_dir=data, progress=False)
-    write_evaluation(evaluation, out_dir, overwrite=True)
-    return {name: model.metrics for name, model in evaluation.metrics.models.items()}
+    write_evaluation(evaluation, out_dir / "evaluation", overwrite=True)
+    comparison, _ = compare([out_dir / "evaluation"], out_dir / "comparison", resamples=BOOTSTRAP_RESAMPLES,
+                            overwrite=True, progress=False)
+    metrics = {name: model.metrics for name, model in evaluation.metrics.models.items()}
+    return metrics, to_dict(comparison.differences)
+
+
+def paired_claims(per_seed: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant → slice → mean difference to msit over seeds (variant − msit) and the seeds where msit is ahead
+    (the interval lies below 0) or behind (above 0) beyond the 95 % interval."""
+    claims: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, by_slice in per_seed[0].items():
+        claims[variant] = {}
+        for slice_name in by_slice:
+            cells = [seed[variant][slice_name] for seed in per_seed]
+            defined = [c for c in cells if c["difference"] is not None]
+            claims[variant][slice_name] = {
+                "mean_difference": statistics.fmean(c["difference"] for c in defined) if defined else None,
+                "msit_ahead": sum(c["ci_high"] < 0 for c in defined),
+                "msit_behind": sum(c["ci_low"] > 0 for c in defined),
+                "seeds": len(defined),
+            }
+    return claims
+
+
+def claims_section(claims: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: per slice and variant, mean Δ (variant − msit) and seeds with msit ahead / behind beyond 95 %."""
+    variants = list(claims)
+    slices_ = list(claims[variants[0]])
+    title = ("### Paired bootstrap against `msit` (test split; mean Δ AUC = variant − msit over seeds; "
+             "seeds with msit ahead / behind beyond the 95 % interval)")
+    lines = [title, "",
+             "| slice | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for slice_name in slices_:
+        cells = []
+        for v in variants:
+            c = claims[v][slice_name]
+            mean = "n/a" if c["mean_difference"] is None else f"{c['mean_difference']:+.4f}"
+            cells.append(f"{mean} ({c['msit_ahead']}/{c['msit_behind']} of {c['seeds']})")
+        lines.append(f"| {slice_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
 
 
 # ---- aggregation over seeds ------------------------------------------------------------------------------------
@@ -248,7 +305,7 @@ def dataset_section(name: str, result: dict[str, Any]) -> str:
             label = f"{slice_name} (smallest)" if slice_name == result["smallest_scenario"] else slice_name
             lines.append("| " + " | ".join([label, f"{rows:,}", f"{clicks:,}", *cells]) + " |")
         lines.append("")
-    lines += [result["verdict_text"], ""]
+    lines += [claims_section(result["paired_claims"]), result["verdict_text"], ""]
     return "\n".join(lines)
 
 
@@ -313,6 +370,7 @@ def run_dataset(
 ) -> dict[str, Any]:
     meta = DatasetMeta.load(data)
     per_seed: list[dict[str, SplitMetrics]] = []
+    differences: list[dict] = []
     fit_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     val_auc: dict[str, list[float | None]] = {v: [] for v in VARIANTS}
     for seed in range(budget.seeds):
@@ -330,7 +388,10 @@ def run_dataset(
                   f"{'n/a' if shown is None else f'{shown:.4f}'}  ({progress['done']:.0f}/{progress['total']:.0f} "
                   f"fits, ETA ≈ {minutes(eta)} at this dataset's pace)", flush=True)
         start = time.perf_counter()
-        per_seed.append(evaluate_seed(data, [seed_dir / v for v in VARIANTS], seed_dir / "evaluation"))
+        ordered = [CANDIDATE, *(v for v in VARIANTS if v != CANDIDATE)]  # msit first: the comparison's reference
+        metrics, compared = evaluate_seed(data, [seed_dir / v for v in ordered], seed_dir)
+        per_seed.append({v: metrics[v] for v in VARIANTS})
+        differences.append(compared)
         print(f"[{name}] seed {seed} evaluated on test in {time.perf_counter() - start:.1f} s "
               f"(per-seed report: {seed_dir / 'evaluation' / 'report.md'})", flush=True)
     summary = aggregate(per_seed)
@@ -347,6 +408,7 @@ def run_dataset(
         "metrics": summary,
         "best_valid_auc": val_auc,
         "fit_seconds": fit_seconds,
+        "paired_claims": paired_claims(differences),
     }
     result["verdict"], result["verdict_text"] = verdict(name, summary, meta.scenarios, smallest)
     return result
@@ -356,13 +418,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 epoch of 60 batches, a smaller world")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/quality", help="output directory")
-    parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3; --quick: 1)")
+    parser.add_argument("--seeds", type=int, help="seeds per variant (default: 5; --quick: 1)")
     parser.add_argument("--epochs", type=int, help="training epochs per fit (default: 3; --quick: 1)")
-    parser.add_argument("--datasets", default="transfer,movielens", help="comma-separated: transfer, movielens")
+    known = ["transfer", *MOVIELENS_CONFIGS]
+    parser.add_argument("--datasets", default=",".join(known), help=f"comma-separated: {', '.join(known)}")
     args = parser.parse_args(argv)
-    unknown = set(args.datasets.split(",")) - {"transfer", "movielens"}
+    unknown = set(args.datasets.split(",")) - set(known)
     if unknown:
-        parser.error(f"--datasets: unknown {sorted(unknown)} (expected transfer, movielens)")
+        parser.error(f"--datasets: unknown {sorted(unknown)} (expected {', '.join(known)})")
     return args
 
 
@@ -399,15 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_transfer(out / "data" / "transfer", args.quick)
         datasets["transfer"] = (data, "generated world, each scenario lifted by clicks from another scenario")
         print(f"[transfer] generated and prepared in {time.perf_counter() - start:.1f} s: {data}", flush=True)
-    if "movielens" in wanted:
+    for name, (config_file, description) in MOVIELENS_CONFIGS.items():
+        if name not in wanted:
+            continue
         if not (MOVIELENS_DIR / "ratings.csv").is_file():
-            print(f"[movielens] SKIPPED: {MOVIELENS_DIR} (ratings.csv, movies.csv) is absent; "
-                  "place ml-latest-small there to run dataset (b)", flush=True)
-        else:
-            start = time.perf_counter()
-            data = prepare_movielens(out / "data" / "movielens")
-            datasets["movielens"] = (data, "MovieLens ml-latest-small, scenario = genre group, click = rating >= 4")
-            print(f"[movielens] prepared in {time.perf_counter() - start:.1f} s: {data}", flush=True)
+            print(f"[{name}] SKIPPED: {MOVIELENS_DIR} (ratings.csv, movies.csv) is absent; "
+                  "place ml-latest-small there to run it", flush=True)
+            continue
+        start = time.perf_counter()
+        data = prepare_movielens(out / "data" / name, config_file)
+        datasets[name] = (data, description + ", click = rating >= 4, rating as each behaviour's feedback")
+        print(f"[{name}] prepared in {time.perf_counter() - start:.1f} s: {data}", flush=True)
 
     if not datasets:
         print("no dataset to run", file=sys.stderr)
@@ -426,7 +491,11 @@ def main(argv: list[str] | None = None) -> int:
 
     elapsed = time.perf_counter() - started
     if args.quick:
-        full_rows = {name: r * (TRANSFER_WORLD["users"] / QUICK_WORLD["users"] if name == "transfer" else 1)
+        from pipelines.synthetic_config import GeneratorConfig
+
+        users = {"full": load_config(TRANSFER_WORLD, GeneratorConfig, "generate").users,
+                 "quick": load_config(TRANSFER_WORLD, GeneratorConfig, "generate", QUICK_WORLD).users}
+        full_rows = {name: r * (users["full"] / users["quick"] if name == "transfer" else 1)
                      for name, r in rows.items()}
         pace = {  # measured seconds per training row, per-fit overhead (validation, scoring, set-up) included
             name: sum(map(sum, res["fit_seconds"].values())) / (budget.rows_per_fit(rows[name]) * budget.seeds

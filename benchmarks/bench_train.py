@@ -118,10 +118,8 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from msit_rec.data.spec import DatasetMeta
-    from msit_rec.embeddings import SequencePath
-    from msit_rec.model import ModelConfig
-    from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
-    from msit_rec.train.sharding import ShardingConfig
+    from msit_rec.fit_config import ModelConfig, OptimConfig, SequencePath, ShardingConfig
+    from msit_rec.train.module import ExamplesDataModule, RankingModule
     from msit_rec.train.strategy import TorchRecStrategy
 
     class StepMarks(pl.Callback):
@@ -156,7 +154,8 @@ def build_twin(params: dict[str, Any]) -> tuple[Any, list[Any], Any]:
     from msit_rec.data.loader import ExamplesDataset, make_loader
     from msit_rec.data.spec import DatasetMeta
     from msit_rec.embeddings import EmbeddingLayout
-    from msit_rec.model import ModelConfig, RankingModel
+    from msit_rec.fit_config import ModelConfig
+    from msit_rec.model import RankingModel
 
     class PlainEmbeddings(nn.Module):
         """`BatchEmbeddings` in plain PyTorch: one `nn.Embedding` per table, behaviours packed [N, D] as it returns them."""

@@ -75,15 +75,18 @@ def load_config(
     return from_dict(cls, data, where)
 
 
-def load_versioned_json(path: Path, cls: type[T], version_key: str, version: int, what: str) -> T:
-    """Load one of the project's JSON files (dataset.json, metrics.json) into `cls`, checking its format version."""
+def load_versioned_json(path: Path, cls: type[T], version_key: str, version: int, what: str, oldest: int | None = None) -> T:
+    """Load one of the project's JSON files (dataset.json, metrics.json) into `cls`, checking its format version:
+    `version`, or any from `oldest` up to it when older files stay readable (their new fields take defaults)."""
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     found = raw.get(version_key) if isinstance(raw, dict) else None
-    if found != version:
-        raise DataError(f"{path}: {what} version {found!r} ('{version_key}'), this msit-rec reads version {version}")
+    readable = range(oldest if oldest is not None else version, version + 1)
+    if not isinstance(found, int) or found not in readable:
+        reads = f"version {version}" if len(readable) == 1 else f"versions {readable.start}–{version}"
+        raise DataError(f"{path}: {what} version {found!r} ('{version_key}'), this msit-rec reads {reads}")
     return from_dict(cls, raw, str(path))
 
 

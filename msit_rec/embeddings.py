@@ -5,7 +5,7 @@ Two TorchRec modules, built on the meta device so that DistributedModelParallel 
 - the sequence group: the tables the behaviour lists use (item, category). The target item and the behaviour items
   share one table (likewise category). Two interchangeable paths read it (`SequencePath`):
   - `embedding_collection`: TorchRec's EmbeddingCollection (unpooled lookups). Shards well on GPU, but its CPU
-    backward in FBGEMM is 40-85× slower than the pooled one (notes/torchrec-on-cpu.md);
+    backward in FBGEMM is far slower than the pooled one (notes/torchrec-on-cpu.md, benchmarks/bench_train.py);
   - `pooled_bags`: an EmbeddingBagCollection where every behaviour position (and the target) is its own bag of
     zero or one id — a pooled lookup that returns per-position rows, with the fast pooled backward.
   Both return the same tensors for the same weights (tests check it), so the choice is per backend.
@@ -14,7 +14,6 @@ The scenario table is tiny (S rows) and is a plain dense embedding in the model,
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +21,11 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
-from msit_rec.data.spec import DatasetMeta
+from msit_rec.data.spec import BEHAVIOUR_SCENARIO, DatasetMeta
 from msit_rec.errors import ConfigError
+from msit_rec.fit_config import SequencePath
 
 META = torch.device("meta")
-
-
-class SequencePath(enum.Enum):
-    EMBEDDING_COLLECTION = "embedding_collection"
-    POOLED_BAGS = "pooled_bags"
 
 
 @dataclass(frozen=True)
@@ -57,7 +52,7 @@ class EmbeddingLayout:
         sparse = meta.features_of_kind("sparse")
         slots = []
         for spec in meta.features_of_kind("sequence"):
-            if spec.name == "hist_scenario":
+            if spec.role == BEHAVIOUR_SCENARIO:  # read by the gate, not looked up in a table
                 continue
             targets = [f.name for f in sparse if f.table == spec.table]
             slots.append(SequenceSlot(spec.name, spec.table or spec.name, targets[0] if targets else None,
@@ -98,13 +93,13 @@ def _bag_tables(meta: DatasetMeta, features: tuple[str, ...]) -> list[EmbeddingB
 
 
 class BatchEmbeddings(nn.Module):
-    """Looks up a batch: pooled features [B, Fu], target [B, D] and behaviours [B, L, D]."""
+    """Looks up a batch: pooled features [B, U], target [B, D] and behaviours [N, D] (legend: msit_rec/modules)."""
 
     def __init__(self, meta: DatasetMeta, path: SequencePath, device: torch.device = META) -> None:
         super().__init__()
         self.layout = EmbeddingLayout.from_meta(meta)
         self.path = path
-        self.bag_dim = sum(meta.feature(n).embedding_dim for n in self.layout.bag_features)
+        self.pooled_dim = sum(meta.feature(n).embedding_dim for n in self.layout.bag_features)  # U
         self.bags = (
             EmbeddingBagCollection(tables=_bag_tables(meta, self.layout.bag_features), device=device)
             if self.layout.bag_features else None
@@ -138,14 +133,14 @@ class BatchEmbeddings(nn.Module):
     def forward(
         self, sparse: KeyedJaggedTensor, sequence: KeyedJaggedTensor, hist_len: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pooled [B, Fu], target [B, D], behaviours [N, D]): only the N real behaviours, example by example and
+        """(pooled [B, U], target [B, D], behaviours [N, D]): only the N real behaviours, example by example and
         oldest first within an example (the order of the jagged history values)."""
         batch = hist_len.shape[0]
         sparse_by_key = sparse.to_dict()
         sequence_by_key = sequence.to_dict()
         if self.bags is not None:
             bag_input = KeyedJaggedTensor.concat([_one_key(sparse_by_key[n], n) for n in self.layout.bag_features])
-            pooled = self.bags(bag_input).values()  # [B, Fu]
+            pooled = self.bags(bag_input).values()  # [B, U]
         else:
             pooled = hist_len.new_zeros((batch, 0), dtype=torch.float32)
         if self.path is SequencePath.EMBEDDING_COLLECTION:

@@ -11,7 +11,6 @@ run was trained on, and the checkpoint's tensors must match (names and shapes) t
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msit_rec.config import from_dict, read_yaml
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
@@ -36,74 +34,13 @@ from msit_rec.metrics_file import (
     score_column,
     write_scores,
 )
-from msit_rec.model import ModelConfig, RankingModel
 from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
 from msit_rec.report import REPORT_OUTPUTS, write_report
-from msit_rec.train.checkpoint import check_checkpoint_dir, check_state_matches, load_unsharded_state_dict
+from msit_rec.run_dir import NAMED_CHECKPOINTS, check_dataset, load_model, read_run, resolve_checkpoint
 
-FIT_CONFIG_FILE = "fit_config.yaml"
 # Scored rows live in host memory whatever device scores them: the metrics need ~200 bytes per row (more than an
 # accelerator holds for tens of millions of rows) and CPU sums are deterministic (CUDA scatter-adds are not).
 HOST = torch.device("cpu")
-NAMED_CHECKPOINTS = ("best", "last")
-MODULE_PREFIX = "model."  # the LightningModule holds the RankingModel as `model`
-
-
-@dataclass
-class TrainedRun:
-    """What `msit-rec fit` recorded about a run (RUN/fit_config.yaml)."""
-
-    run_dir: Path
-    data_dir: Path
-    dataset_hash: str
-    model: ModelConfig
-
-
-def read_run(run_dir: str | Path) -> TrainedRun:
-    run_dir = Path(run_dir)
-    path = run_dir / FIT_CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no {FIT_CONFIG_FILE}; give the --out directory of `msit-rec fit`")
-    raw = read_yaml(path)
-    missing = [key for key in ("data", "dataset_hash", "model") if key not in raw]
-    if missing:
-        raise ConfigError(f"{path}: missing key(s) {missing}")
-    return TrainedRun(
-        run_dir=run_dir,
-        data_dir=Path(str(raw["data"])),
-        dataset_hash=str(raw["dataset_hash"]),
-        model=from_dict(ModelConfig, raw["model"], f"{path}: model"),
-    )
-
-
-def resolve_checkpoint(run: TrainedRun, checkpoint: str) -> Path:
-    """`best`/`last` → RUN/checkpoints/{best,last}.ckpt; anything else is a checkpoint directory path."""
-    path = run.run_dir / "checkpoints" / f"{checkpoint}.ckpt" if checkpoint in NAMED_CHECKPOINTS else Path(checkpoint)
-    if not path.is_dir():
-        raise DataError(f"checkpoint {path} (run {run.run_dir}, --checkpoint {checkpoint}): no such directory")
-    return check_checkpoint_dir(path)
-
-
-def check_dataset(run: TrainedRun, meta: DatasetMeta, data_dir: Path) -> None:
-    if meta.content_hash != run.dataset_hash:
-        raise DataError(
-            f"{data_dir / 'dataset.json'} has content_hash {meta.content_hash!r}, but {run.run_dir / FIT_CONFIG_FILE} "
-            f"was trained on dataset_hash {run.dataset_hash!r}: evaluate on the dataset the run was trained on"
-        )
-
-
-def load_model(run: TrainedRun, checkpoint: Path, meta: DatasetMeta, device: torch.device) -> RankingModel:
-    """A plain (unsharded) RankingModel on `device` with the checkpoint's weights, in eval mode."""
-    try:
-        saved = load_unsharded_state_dict(checkpoint)
-    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
-        raise DataError(f"checkpoint {checkpoint}: unreadable ({type(exc).__name__}: {exc})") from None
-    state = {key.removeprefix(MODULE_PREFIX): value for key, value in saved.items() if key.startswith(MODULE_PREFIX)}
-    model = RankingModel(meta, run.model, device=device)
-    check_state_matches({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in model.state_dict().items()},
-                        checkpoint)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def score_rows(

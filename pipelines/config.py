@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # Columns every examples file has besides the features; feature names must not take them.
-RESERVED_COLUMNS = frozenset({"label", "scenario", "user_id", "ts", "hist_item", "hist_cat", "hist_scenario", "hist_len"})
+FEEDBACK_TABLE = "feedback"  # the embedding table of hist_feedback
+FEEDBACK_FROM_LABEL = "label"  # history.feedback: each behaviour's own label (clicked or not)
+RESERVED_COLUMNS = frozenset(
+    {"label", "scenario", "user_id", "ts", "hist_item", "hist_cat", "hist_scenario", "hist_feedback", "hist_len"}
+)
 
 
 @dataclass
@@ -70,10 +74,16 @@ class HistoryConfig:
     # oldest first. It is taken as given: its events carry no time, so no leak check is possible.
     precomputed_column: str | None = None
     precomputed_separator: str = "^"
+    # Each behaviour's feedback as the sequence feature hist_feedback (contract v2): "label" (clicked or not: use
+    # with events: all, so skips are in the history), or a raw column with a graded value (a rating, a dwell
+    # bucket), encoded by a vocabulary of its train values. None: no hist_feedback.
+    feedback: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_len < 1:
             raise ValueError("history.max_len must be >= 1")
+        if self.feedback is not None and self.precomputed_column is not None:
+            raise ValueError("history.feedback needs histories built from the log; precomputed ones carry no feedback")
 
 
 @dataclass
@@ -141,6 +151,8 @@ class DatasetConfig:
             raise ValueError(f"feature name(s) {reserved} clash with example columns {sorted(RESERVED_COLUMNS)}")
         if any(f.table == "scenario" for f in self.categorical):
             raise ValueError("table name 'scenario' is reserved for the scenario embedding")
+        if self.history.feedback is not None and any(f.table == FEEDBACK_TABLE for f in self.categorical):
+            raise ValueError(f"table name '{FEEDBACK_TABLE}' is reserved for hist_feedback when history.feedback is set")
         tables = [f.table for f in self.categorical]
         shared = sorted({t for t in tables if tables.count(t) > 1})
         if shared:

@@ -30,9 +30,14 @@ class HistoryEvents:
     item: np.ndarray  # [E] int64 encoded item ids
     category: np.ndarray  # [E] int64 encoded category ids (OOV when the dataset has no category feature)
     scenario: np.ndarray  # [E] int64 scenario ids
+    feedback: np.ndarray | None = None  # [E] int64 encoded feedback of each event (None: no hist_feedback)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        named = {"hist_item": self.item, "hist_cat": self.category, "hist_scenario": self.scenario}
+        return named if self.feedback is None else {**named, "hist_feedback": self.feedback}
 
     def lists(self, lo: np.ndarray, hi: np.ndarray) -> dict[str, pa.ListArray]:
-        """hist_item / hist_cat / hist_scenario list arrays for examples whose histories are events[lo:hi]."""
+        """hist_item / hist_cat / hist_scenario (/ hist_feedback) lists for examples whose histories are events[lo:hi]."""
         lengths = hi - lo
         offsets = np.zeros(len(lo) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -42,7 +47,7 @@ class HistoryEvents:
         list_type = pa.ListArray if arrow_offsets.type == pa.int32() else pa.LargeListArray
         return {
             name: list_type.from_arrays(arrow_offsets, pa.array(values[positions]))
-            for name, values in (("hist_item", self.item), ("hist_cat", self.category), ("hist_scenario", self.scenario))
+            for name, values in self.columns().items()
         }
 
 
@@ -59,12 +64,13 @@ def _forward_fill_index(starts: np.ndarray) -> np.ndarray:
 
 
 def index_histories(
-    rows: pl.DataFrame, user: str, item: str, category: str | None, max_len: int, events: str
+    rows: pl.DataFrame, user: str, item: str, category: str | None, max_len: int, events: str,
+    feedback: str | None = None,
 ) -> tuple[pl.DataFrame, HistoryEvents]:
     """`rows` with HIST_LO/HIST_HI added (row order unchanged), and the event arrays they point into.
 
     `rows` holds valid examples with the user key column, TS, ROW, LABEL, SCENARIO and the encoded
-    item (and category) columns. The work is one numpy lexsort (≈5× a multi-key Polars sort here) and
+    item (and category, and feedback) columns. The work is one numpy lexsort (≈5× a multi-key Polars sort here) and
     linear passes over the sorted keys.
     """
     user_codes = _user_codes(rows[user])
@@ -90,6 +96,7 @@ def index_histories(
         item=np.ascontiguousarray(rows[item].to_numpy()[event_rows], dtype=np.int64),
         category=np.ascontiguousarray(categories, dtype=np.int64),
         scenario=np.ascontiguousarray(rows[SCENARIO].to_numpy()[event_rows], dtype=np.int64),
+        feedback=np.ascontiguousarray(rows[feedback].to_numpy()[event_rows], dtype=np.int64) if feedback else None,
     )
     return rows.with_columns(pl.Series(HIST_LO, lo), pl.Series(HIST_HI, hi)), history
 

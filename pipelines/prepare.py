@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from msit_rec.config import to_dict
 from msit_rec.data.encoding import stable_hash64
 from msit_rec.data.spec import (
+    BEHAVIOUR_FEEDBACK,
+    BEHAVIOUR_SCENARIO,
     CONTRACT_VERSION,
     OOV_INDEX,
     SPLITS,
@@ -42,7 +44,7 @@ from msit_rec.data.spec import (
 )
 from msit_rec.errors import DataError
 from msit_rec.outputs import check_no_overlap, staged_dir
-from pipelines.config import DatasetConfig
+from pipelines.config import FEEDBACK_FROM_LABEL, FEEDBACK_TABLE, CategoricalFeature, DatasetConfig
 from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder
 from pipelines.history import HIST_HI, HIST_LO, HistoryEvents, index_histories, precomputed_lists
 from pipelines.source import read_source, source_root
@@ -64,6 +66,7 @@ from pipelines.write import ShardWriter
 log = logging.getLogger("msit_rec.prepare")
 
 USER_KEY = "_user_key"
+FEEDBACK = "hist_feedback"  # the sequence feature (and its vocabulary) of each behaviour's feedback
 # Top-level entries prepare writes: `--overwrite` replaces a directory holding nothing else, never other files.
 OUTPUT_ENTRIES = ("dataset.json", "rejects.parquet", *SPLITS, "vocab")
 
@@ -136,6 +139,9 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> Datas
         valid = valid.with_columns(
             [encoders[f.name].encode(valid[f.column]).alias(encoded(f.name)) for f in config.categorical]
         )
+        feedback = _feedback_encoder(config, train)
+        if feedback is not None:  # encoded like a categorical feature: a vocabulary of the train values
+            valid = valid.with_columns(feedback.encode(_feedback_values(config, valid)).alias(encoded(FEEDBACK)))
         numeric_stats = {f.name: _numeric_stats(f.column, train[f.column], valid[f.column]) for f in config.numeric}
         valid = valid.with_columns(
             [_normalise(f.column, numeric_stats[f.name]).alias(normalised(f.name)) for f in config.numeric]
@@ -146,8 +152,8 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> Datas
     with step("histories"):
         valid, events = _histories(valid, config, encoders)
 
-    vocab_files = _write_vocabularies(encoders, out_dir)
-    features = _feature_specs(config, encoders, scenarios, vocab_files)
+    vocab_files = _write_vocabularies({**encoders, **({FEEDBACK: feedback} if feedback else {})}, out_dir)
+    features = _feature_specs(config, encoders, scenarios, vocab_files, feedback)
     with step("write shards"):
         splits = {
             split: _write_split(valid, split, config, events, scenarios, out_dir, progress) for split in SPLITS
@@ -168,6 +174,7 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> Datas
             source="log"
             if config.history.precomputed_column is None
             else f"precomputed:{config.history.precomputed_column}",
+            feedback=config.history.feedback,
         ),
         splits=splits,
         numeric_stats=numeric_stats,
@@ -194,6 +201,8 @@ def _raw_columns(config: DatasetConfig) -> list[str]:
         names.append(config.split.column)
     if config.history.precomputed_column is not None:
         names.append(config.history.precomputed_column)
+    if config.history.feedback not in (None, FEEDBACK_FROM_LABEL):
+        names.append(config.history.feedback)
     return list(dict.fromkeys(names))
 
 
@@ -314,7 +323,8 @@ def _histories(
     cat_col = encoded(history.category_feature) if history.category_feature else None
     if history.precomputed_column is None:
         indexed, events = index_histories(
-            valid, config.columns.user, item_col, cat_col, history.max_len, history.events
+            valid, config.columns.user, item_col, cat_col, history.max_len, history.events,
+            encoded(FEEDBACK) if history.feedback is not None else None,
         )
         lengths = indexed[HIST_HI] - indexed[HIST_LO]
         log.info("history events %d, mean history length %.2f", len(events.item), float(lengths.mean() or 0))
@@ -335,6 +345,26 @@ def _histories(
     return valid.with_columns([pl.from_arrow(array).alias(name) for name, array in lists.items()]), None
 
 
+def _feedback_values(config: DatasetConfig, rows: pl.DataFrame) -> pl.Series:
+    """The raw feedback of `rows` as text (a vocabulary of text keys serves ints and floats alike)."""
+    column = LABEL if config.history.feedback == FEEDBACK_FROM_LABEL else config.history.feedback
+    return rows[column].cast(pl.String)
+
+
+def _feedback_encoder(config: DatasetConfig, train: pl.DataFrame) -> FittedEncoder | None:
+    """Vocabulary of the train split's feedback values (every value seen once counts), or None without feedback."""
+    if config.history.feedback is None:
+        return None
+    source = LABEL if config.history.feedback == FEEDBACK_FROM_LABEL else config.history.feedback
+    feature = CategoricalFeature(FEEDBACK, source, table=FEEDBACK_TABLE, embedding_dim=_item_dim(config))
+    return fit_encoder(feature, _feedback_values(config, train))
+
+
+def _item_dim(config: DatasetConfig) -> int:
+    """The behaviour slots share one width (EmbeddingCollection needs it): hist_feedback takes the item's."""
+    return next(f.embedding_dim for f in config.categorical if f.name == config.history.item_feature)
+
+
 def _write_vocabularies(encoders: dict[str, FittedEncoder], out_dir: Path) -> dict[str, str]:
     """feature → vocabulary file (relative); hashed features have none (their mapping is the hash)."""
     files = {}
@@ -348,7 +378,8 @@ def _write_vocabularies(encoders: dict[str, FittedEncoder], out_dir: Path) -> di
 
 
 def _feature_specs(
-    config: DatasetConfig, encoders: dict[str, FittedEncoder], scenarios: list[str], vocab_files: dict[str, str]
+    config: DatasetConfig, encoders: dict[str, FittedEncoder], scenarios: list[str], vocab_files: dict[str, str],
+    feedback: FittedEncoder | None,
 ) -> list[FeatureSpec]:
     def scenario_spec(name: str, kind: FeatureKind) -> FeatureSpec:  # the example's scenario and each behaviour's
         return FeatureSpec(
@@ -377,7 +408,12 @@ def _feature_specs(
         specs.append(_sequence_spec("hist_cat", cat.name, cat.table, encoders[cat.name], cat.embedding_dim))
     else:  # no category in this dataset: hist_cat is all OOV, on a table of its own
         specs.append(FeatureSpec("hist_cat", "sequence", "", "hist_cat", OOV_INDEX + 1, item.embedding_dim))
-    specs.append(scenario_spec("hist_scenario", "sequence"))
+    specs.append(replace(scenario_spec("hist_scenario", "sequence"), role=BEHAVIOUR_SCENARIO))
+    if feedback is not None:
+        specs.append(FeatureSpec(
+            FEEDBACK, "sequence", config.history.feedback, FEEDBACK_TABLE, feedback.cardinality,
+            feedback.feature.embedding_dim, "vocab", vocab_files[FEEDBACK], role=BEHAVIOUR_FEEDBACK,
+        ))
     specs += [FeatureSpec(f.name, "dense", f.column, encoding="numeric") for f in config.numeric]
     return specs
 
@@ -419,14 +455,14 @@ def _write_split(
     writer = ShardWriter(out_dir, split, config.output)
     chunk_rows = config.output.rows_per_row_group
     columns = _example_columns(config)
-    history_columns = ["hist_item", "hist_cat", "hist_scenario"]
+    history_columns = ["hist_item", "hist_cat", "hist_scenario", *([FEEDBACK] if config.history.feedback else [])]
     bar = tqdm(total=len(rows), desc=f"write {split}", unit="rows", disable=not progress, leave=False)
     for start in range(0, len(rows), chunk_rows):
         chunk = rows.slice(start, chunk_rows)
         table = chunk.select(columns).to_arrow()
         if events is not None:
             lists = events.lists(chunk[HIST_LO].to_numpy(), chunk[HIST_HI].to_numpy())
-        else:
+        else:  # precomputed histories (which carry no feedback)
             lists = {name: chunk[name].to_arrow() for name in history_columns}
         for name in history_columns:
             table = table.append_column(name, lists[name].cast(pa.list_(pa.int64())))

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from msit_rec.data.spec import OOV_INDEX, DatasetMeta, FeatureSpec
+from msit_rec.data.spec import BEHAVIOUR_SCENARIO, OOV_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.outputs import staged_file
 
@@ -58,7 +58,7 @@ def decode_examples(meta: DatasetMeta, root: Path, frame: pl.DataFrame) -> list[
     sparse = meta.features_of_kind("sparse")
     behaviour_fields = [  # (sequence column, raw field, its sparse feature) — hist_scenario aside
         (spec.name, meta.feature(spec.source).source, meta.feature(spec.source))
-        for spec in meta.features_of_kind("sequence") if spec.encoding != "scenario"
+        for spec in meta.features_of_kind("sequence") if spec.role != BEHAVIOUR_SCENARIO
     ]
     scenario_field = meta.features_of_kind("scenario")[0].source
     requests = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from msit_rec.errors import DataError, SchemaError
-from pipelines.config import DatasetConfig
+from pipelines.config import FEEDBACK_FROM_LABEL, DatasetConfig
 
 # Derived columns the pipeline adds to the raw log; the leading underscore keeps them apart from raw names.
 ROW = "_row"  # position in the raw log: the deterministic tie-breaker for equal timestamps
@@ -76,6 +76,10 @@ def _is_history_type(dtype: pl.DataType) -> bool:
     return dtype == pl.String or isinstance(dtype, pl.List)
 
 
+def _is_feedback_type(dtype: pl.DataType) -> bool:
+    return _is_id_type(dtype) or dtype.is_float()
+
+
 def expected_columns(config: DatasetConfig) -> dict[str, tuple[str, str, object]]:
     """column → (role, expected type in words, type check) for every column the config reads."""
     c = config.columns
@@ -92,6 +96,8 @@ def expected_columns(config: DatasetConfig) -> dict[str, tuple[str, str, object]
         checks.setdefault(feature.column, (f"numeric feature '{feature.name}'", "integer or float", _is_numeric_type))
     if config.split.method == "column":
         checks[config.split.column] = ("split", "string train/valid/test", _is_text_type)
+    if config.history.feedback not in (None, FEEDBACK_FROM_LABEL):
+        checks.setdefault(config.history.feedback, ("history feedback", f"{_ID_TYPES} or float", _is_feedback_type))
     if config.history.precomputed_column is not None:
         checks[config.history.precomputed_column] = (
             "precomputed history",

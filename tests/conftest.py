@@ -47,4 +47,13 @@ def small_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
         overrides=[f"source.path={root / 'raw'}", f"history.max_len={SMALL_MAX_LEN}"],
     )
     prepare(dataset, root / "examples")
+    # the same log with contract v2 histories: every impression, each with its feedback (clicked or not)
+    dataset.history.events, dataset.history.feedback = "all", "label"
+    prepare(dataset, root / "feedback_examples")
     return root / "examples"
+
+
+@pytest.fixture(scope="session")
+def feedback_examples(small_examples: Path) -> Path:
+    """`small_examples`' log prepared with `history: {events: all, feedback: label}` (hist_feedback)."""
+    return small_examples.parent / "feedback_examples"

@@ -53,7 +53,8 @@ def synthetic_share(rank: int) -> ScoredRows:
 def main(rank: int, world: int, run_dir: Path, data_dir: Path, out_dir: Path) -> None:
     from msit_rec.data.loader import ExamplesDataset, make_loader
     from msit_rec.data.spec import DatasetMeta
-    from msit_rec.evaluate import load_model, read_run, resolve_checkpoint, score_rows
+    from msit_rec.evaluate import score_rows
+    from msit_rec.run_dir import load_model, read_run, resolve_checkpoint
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     synthetic = gather_scored_rows(synthetic_share(rank))

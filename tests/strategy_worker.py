@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from msit_rec.train.sharding import ShardingConfig
+from msit_rec.fit_config import ShardingConfig
 from msit_rec.train.strategy import TorchRecStrategy
 from tests.toy_model import ToyRecModule, batch_loader, make_batch
 

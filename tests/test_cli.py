@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
+import yaml
 
 from msit_rec.cli import main
 from msit_rec.data.spec import DatasetMeta
@@ -45,3 +47,24 @@ def test_unknown_override_key_is_named(capsys) -> None:
                  "--set", "userz=5", "--print_config"])
     assert code == 2
     assert "unknown key(s) ['userz']" in capsys.readouterr().err
+
+
+def test_version_and_print_config_need_no_output_or_repository(tmp_path: Path, capsys, monkeypatch) -> None:
+    from msit_rec import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and __version__ in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # nothing resolves against the repository: fit's defaults live in the dataclasses
+    assert main(["fit", "--print_config", "--set", "model.variant=din"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["variant"] == "din" and printed["trainer"]["devices"] == 1
+    assert main(["prepare", "--config", str(ROOT / "configs/datasets/synthetic.yaml"), "--print_config"]) == 0
+    assert "dataset:" in capsys.readouterr().out
+
+
+def test_commands_that_write_name_their_missing_flags(capsys) -> None:
+    assert main(["prepare", "--config", str(ROOT / "configs/datasets/synthetic.yaml")]) == 2
+    assert "--out required" in capsys.readouterr().err
+    assert main(["fit", "--out", "somewhere"]) == 2
+    assert "--data required" in capsys.readouterr().err

@@ -27,10 +27,11 @@ from msit_rec.config import from_dict, to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.evaluate import evaluate_runs, write_evaluation
+from msit_rec.fit_config import FitConfig
 from msit_rec.metrics import ScoredRows, compute_metrics
 from msit_rec.metrics_file import load_metrics
 from msit_rec.report import write_report
-from msit_rec.train.fit import FitConfig, fit
+from msit_rec.train.fit import fit
 from tests.evaluate_worker import SYNTHETIC_SCENARIOS, synthetic_share
 from tests.test_strategy import LAUNCH_ENV, in_process_launch_env  # noqa: F401 (autouse fixture)
 

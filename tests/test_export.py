@@ -24,14 +24,14 @@ from msit_rec.cli import main
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
-from msit_rec.embeddings import SequencePath
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.export import export_run, parse_precision
 from msit_rec.export import exporter as exporter_module
 from msit_rec.export.inputs import batch_to_inputs, input_schema
 from msit_rec.export.serving_model import ServingModel, embedding_table_names
 from msit_rec.export.tables import ServingTable, dequantize_rowwise, quantize_rowwise
-from msit_rec.model import VARIANTS, ModelConfig, RankingModel
+from msit_rec.fit_config import VARIANTS, ModelConfig, SequencePath
+from msit_rec.model import RankingModel
 from msit_rec.serving.artifact import verify_files
 from msit_rec.serving.contract import AOTI_FILE, PROGRAM_FILE, Manifest
 from tests.test_strategy import LAUNCH_ENV, in_process_launch_env  # noqa: F401 (autouse fixture)
@@ -87,6 +87,31 @@ def test_serving_model_equals_the_ranking_model(meta, batch, variant: str, path:
     filled = torch.where(padded, torch.ones_like(history), history)
     with torch.no_grad():
         torch.testing.assert_close(serving(sparse, filled, hist_len, scenario, dense, context), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", list(SequencePath), ids=lambda p: p.value)
+@pytest.mark.parametrize("variant", ["msit", "din"])
+def test_serving_model_with_feedback_equals_the_ranking_model(feedback_examples, variant, path) -> None:
+    """hist_feedback is a behaviour slot for every variant and a gate input for msit: both layouts agree, and the
+    feedback moves the logits of rows with a history (nearly all: a row in a dead ReLU region of the tower may not)."""
+    meta = DatasetMeta.load(feedback_examples)
+    batch = next(iter(make_loader(ExamplesDataset(feedback_examples, "valid", ROWS))))
+    model = trained_like(meta, variant, path)
+    if model.head.gate is not None:
+        with torch.no_grad():
+            model.head.gate.feedback_weight.normal_(0.0, 0.5)  # starts at zero: make the check bite
+    serving = ServingModel(model, meta, {})
+    sparse, history, hist_len, scenario, dense, context = batch_to_inputs(batch, input_schema(meta))
+    with torch.no_grad():
+        expected, got = model(batch), serving(sparse, history, hist_len, scenario, dense, context)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        row = input_schema(meta).sequence.index(meta.behaviour_feedback.name)
+        flipped = history.clone()
+        flipped[:, row] = torch.where(history[:, row] == 2, 3, 2)  # clicked ↔ skipped, padding stays padding
+        changed = serving(sparse, flipped, hist_len, scenario, dense, context)
+    moved, has_history = (changed - got).abs() > 1e-6, hist_len > 0
+    assert not moved[~has_history].any(), "a row without history has no feedback to see"
+    assert moved[has_history].float().mean() > 0.9, "rows with a history must see their behaviours' feedback"
 
 
 def test_rows_sharing_a_context_score_like_rows_with_their_own_copy(meta, batch) -> None:
@@ -195,7 +220,7 @@ def int8_artifact(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 
 def eager_model(run_dir: Path) -> RankingModel:
-    from msit_rec.evaluate import load_model, read_run, resolve_checkpoint
+    from msit_rec.run_dir import load_model, read_run, resolve_checkpoint
 
     trained = read_run(run_dir)
     return load_model(trained, resolve_checkpoint(trained, "best"), DatasetMeta.load(trained.data_dir), CPU)
@@ -214,7 +239,7 @@ def test_manifest_records_versions_files_precision_and_parity(fp32_artifact: dic
     manifest = Manifest.load(root)
     meta = DatasetMeta.load(small_examples)
     assert manifest.versions["torch"] == torch.__version__ and set(manifest.versions) == {"torch", "msit_rec", "python"}
-    assert manifest.dataset_hash == meta.content_hash and manifest.model["variant"] == "msit"
+    assert manifest.dataset_hash == meta.content_hash and manifest.model.variant == "msit"
     assert manifest.inputs == input_schema(meta) and not manifest.aoti
     vocabularies = {f.vocabulary for f in meta.features if f.vocabulary}
     assert set(manifest.files) == {PROGRAM_FILE, "dataset.json", *vocabularies}

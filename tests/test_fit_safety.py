@@ -165,7 +165,7 @@ def test_resume_from_a_foreign_model_is_refused(finished_run, small_examples, tm
     run = copy_run(finished_run, tmp_path)
     line = refused(capsys, [*resume_args(small_examples, run, run / "checkpoints/last.ckpt"),
                             "--model", str(REPO / "configs/model/din.yaml")])
-    assert "does not fit the model" in line and "model.gate" in line
+    assert "does not fit the model" in line and "model.head.gate" in line
 
 
 def test_resume_on_re_prepared_examples_is_refused(finished_run, small_examples, tmp_path, capsys) -> None:

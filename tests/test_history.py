@@ -60,6 +60,52 @@ def test_all_events_mode_counts_non_clicks(tmp_path: Path) -> None:
     assert rows["hist_len"].to_list() == [0, 1, 2]
 
 
+def test_feedback_follows_each_behaviour(tmp_path: Path) -> None:
+    """hist_feedback holds each history event's own feedback, aligned with hist_item: the label (skips included
+    with events: all) or a graded column through a vocabulary of its train values."""
+    log = write_log(
+        tmp_path / "raw.parquet",
+        {"user_id": [1, 1, 1, 1, 2], "item_id": [10, 11, 12, 13, 10], "cat": [1, 1, 2, 2, 1],
+         "scenario": ["a", "b", "a", "b", "a"], "ts": [1, 2, 3, 4, 5], "label": [0, 1, 0, 1, 1],
+         "rating": [2.5, 4.0, 1.0, 4.5, 4.0]},
+    )
+    by_label = prepare(dataset_config(log, history={"max_len": 5, "events": "all", "feedback": "label"}),
+                       tmp_path / "label")
+    rows = read_split(tmp_path / "label", by_label, "train").sort("ts")
+    # label vocabulary by count desc: "1" (3 rows) → 2, "0" (2 rows) → 3
+    assert rows["hist_feedback"].to_list() == [[], [3], [3, 2], [3, 2, 3], []]
+    assert rows["hist_len"].to_list() == [len(f) for f in rows["hist_feedback"].to_list()]
+    spec = by_label.behaviour_feedback
+    assert spec is not None and spec.table == "feedback" and spec.cardinality == 4 and by_label.contract_version == 2
+
+    graded = prepare(dataset_config(log, history={"max_len": 2, "events": "all", "feedback": "rating"}),
+                     tmp_path / "rating")
+    rows = read_split(tmp_path / "rating", graded, "train").sort("ts")
+    # "4.0" (2 rows) → 2, then by text: "1.0" → 3, "2.5" → 4, "4.5" → 5; the last max_len = 2 events
+    assert rows["hist_feedback"].to_list() == [[], [4], [4, 2], [2, 3], []]
+    vocab = pl.read_parquet(tmp_path / "rating" / graded.behaviour_feedback.vocabulary)
+    assert dict(zip(vocab["raw"], vocab["index"])) == {"4.0": 2, "1.0": 3, "2.5": 4, "4.5": 5}
+
+
+def test_contract_v1_examples_still_load(tmp_path: Path) -> None:
+    import json
+
+    from msit_rec.data.spec import BEHAVIOUR_SCENARIO, DatasetMeta
+
+    log = write_log(tmp_path / "raw.parquet", {"user_id": [1, 1], "item_id": [10, 11], "cat": [1, 1],
+                                               "scenario": ["a", "a"], "ts": [1, 2], "label": [1, 1]})
+    prepare(dataset_config(log), tmp_path / "out")
+    raw = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    raw["contract_version"] = 1  # what a version-1 prepare wrote: no roles, no history.feedback
+    for feature in raw["features"]:
+        feature.pop("role")
+    raw["history"].pop("feedback")
+    (tmp_path / "out" / "dataset.json").write_text(json.dumps(raw))
+    meta = DatasetMeta.load(tmp_path / "out")
+    assert meta.behaviour_scenario is not None and meta.behaviour_scenario.role == BEHAVIOUR_SCENARIO
+    assert meta.behaviour_feedback is None and meta.history.feedback is None
+
+
 def brute_force_histories(log: pl.DataFrame, max_len: int) -> dict[int, list[int]]:
     """Per row: raw item ids of the user's clicks strictly before the row's ts, oldest first, last max_len."""
     rows = log.with_row_index("row").to_dicts()

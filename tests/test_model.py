@@ -24,10 +24,10 @@ from msit_rec.data.arrow_kjt import ROW_INDEX_COLUMN, BatchLayout, table_to_batc
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import padding_table
 from msit_rec.data.spec import DatasetMeta
-from msit_rec.embeddings import SequencePath
 from msit_rec.errors import ConfigError, MsitError
-from msit_rec.model import VARIANTS, ModelConfig, RankingModel
-from msit_rec.train.fit import FitConfig, TrainerConfig, fit
+from msit_rec.fit_config import VARIANTS, FitConfig, ModelConfig, SequencePath, TrainerConfig
+from msit_rec.model import RankingModel
+from msit_rec.train.fit import fit
 
 CPU = torch.device("cpu")
 ROWS = 512
@@ -204,9 +204,9 @@ def test_behaviour_scenario_changes_msit_only_through_the_gate(meta, rows, monke
     assert (change[has_history] > 0).all() and change.max() > 1e-4  # the gate sees s_j: every such row moves
     assert torch.equal(original[~has_history], changed[~has_history])  # nothing to gate, nothing changes
 
-    gate_forward = net.gate.forward_packed  # the same gate, told every behaviour happened in scenario 0
-    monkeypatch.setattr(net.gate, "forward_packed",
-                        lambda b, own, s, table: gate_forward(b, torch.zeros_like(own), s, table))
+    gate_values = net.head.gate.values_packed  # the same gate, told every behaviour happened in scenario 0
+    monkeypatch.setattr(net.head.gate, "values_packed",
+                        lambda b, own, s, table, feedback: gate_values(b, torch.zeros_like(own), s, table, feedback))
     assert torch.equal(logits(net, to_batch(moved, meta)), logits(net, to_batch(rows, meta)))
 
 
@@ -252,7 +252,7 @@ def test_more_devices_than_the_host_has_fails_fit_before_training(small_examples
 
 
 def test_gated_variant_on_a_dataset_without_behaviour_scenarios_is_a_config_error(meta) -> None:
-    with pytest.raises(ConfigError, match="hist_scenario"):
+    with pytest.raises(ConfigError, match="behaviour-scenario sequence"):
         model(without_feature(meta, "hist_scenario"), GATED)
 
 

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from msit_rec.errors import ConfigError
+from msit_rec.fit_config import VARIANTS, ModelConfig
 from msit_rec.modules import (
     MLP,
+    RankingHead,
     ScenarioGate,
     ScenarioTower,
     StarLinear,
@@ -41,15 +43,19 @@ def _inputs(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- oracles (independent of the library's tricks)
 
 
-def naive_gate(gate: ScenarioGate, b, sj, s, table):
-    """Per behaviour: σ([b_j ; e(s_j)] · W_s + c_s) ⊙ b_j with W_s the concatenated weight of the served scenario."""
-    full = torch.cat([gate.behaviour_weight, gate.scenario_weight], dim=1)  # [sets, D+E, D]
+def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None):
+    """Per behaviour: σ([b_j ; e(s_j)] · W_s + c_s [+ U_s[s_j, v_j]]) ⊙ b_j with W_s the concatenated weight of the
+    served scenario and U_s its (own scenario, feedback) table."""
+    full = torch.cat([gate.behaviour_weight, gate.scenario_weight], dim=1)  # [S, D+E, D]
     out = torch.empty_like(b)
     for i in range(b.shape[0]):
-        k = int(s[i]) if gate.per_scenario else 0
+        k = int(s[i])
         for j in range(b.shape[1]):
             x = torch.cat([b[i, j], table[sj[i, j]]])
-            out[i, j] = torch.sigmoid(x @ full[k] + gate.bias[k]) * b[i, j]
+            logit = x @ full[k] + gate.bias[k]
+            if feedback is not None:
+                logit = logit + gate.feedback_weight[k, int(sj[i, j]) * gate.feedback_values + int(feedback[i, j])]
+            out[i, j] = torch.sigmoid(logit) * b[i, j]
     return out
 
 
@@ -102,8 +108,8 @@ def test_mlp_shapes_and_hidden_scales_match_manual_stack():
 
 
 def test_mlp_options_build_the_named_layers():
-    mlp = MLP(5, [6], activation="prelu", dropout=0.1, batch_norm=True)
-    assert [type(m) for m in mlp.post[0]] == [nn.BatchNorm1d, nn.PReLU, nn.Dropout]
+    mlp = MLP(5, [6], activation="prelu", dropout=0.1)
+    assert [type(m) for m in mlp.post[0]] == [nn.PReLU, nn.Dropout]
     with pytest.raises(ConfigError, match="activation.*'tanhh'"):
         MLP(5, [6], activation="tanhh")
 
@@ -111,14 +117,45 @@ def test_mlp_options_build_the_named_layers():
 # ---------------------------------------------------------------- scenario gate
 
 
-@pytest.mark.parametrize("per_scenario", [True, False])
-def test_gate_equals_concatenated_formula(per_scenario: bool):
-    gate = _randomise(ScenarioGate(D, E, S, per_scenario=per_scenario).double())
+def test_gate_equals_concatenated_formula():
+    gate = _randomise(ScenarioGate(D, E, S).double())
     x = _inputs()
     out = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
     assert out.shape == (B, L, D)
     expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gate_with_feedback_equals_the_formula_and_needs_it(layout: str):
+    values = 4
+    gate = _randomise(ScenarioGate(D, E, S, feedback_values=values).double())
+    x = _inputs()
+    feedback = torch.randint(0, values, (B, L))
+    expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback)
+    if layout == "padded":
+        out = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback)
+        torch.testing.assert_close(out, expected)
+    else:
+        behaviours, own, example = _packed(x)
+        out = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"], feedback[x["mask"]])
+        torch.testing.assert_close(out, expected[x["mask"]])
+    with pytest.raises(ValueError, match="feedback"):
+        gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
+
+
+def test_gate_feedback_table_starts_at_zero():
+    """A fresh feedback-aware gate equals the feedback-blind one with the same weights: feedback is learned in."""
+    torch.manual_seed(0)
+    blind = ScenarioGate(D, E, S).double()
+    torch.manual_seed(0)
+    aware = ScenarioGate(D, E, S, feedback_values=3).double()
+    x = _inputs()
+    feedback = torch.randint(0, 3, (B, L))
+    torch.testing.assert_close(
+        aware(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback),
+        blind(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"]),
+    )
 
 
 def test_gate_own_scenario_acts_only_through_the_gate():
@@ -200,9 +237,8 @@ def test_attention_over_shared_contexts_equals_naive_on_gathered_rows(pooling: s
     assert torch.equal(out[1], torch.zeros(D, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("per_scenario", [True, False])
-def test_packed_gate_equals_concatenated_formula(per_scenario: bool):
-    gate = _randomise(ScenarioGate(D, E, S, per_scenario=per_scenario).double())
+def test_packed_gate_equals_concatenated_formula():
+    gate = _randomise(ScenarioGate(D, E, S).double())
     x = _inputs()
     behaviours, own, example = _packed(x)
     out = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"])
@@ -336,21 +372,21 @@ def test_star_tower_is_per_scenario():
 # ---------------------------------------------------------------- the stack: gradients and export
 
 
-class Stack(nn.Module):
-    """Gate → attention → tower with every option on, on plain tensors (as the serving module will be)."""
+class HeadStack(nn.Module):
+    """RankingHead over padded behaviours, one context per row: what ServingModel runs after its lookups."""
 
-    def __init__(self) -> None:
+    def __init__(self, variant: str) -> None:
         super().__init__()
-        self.table = nn.Parameter(torch.randn(S, E))
-        self.gate = ScenarioGate(D, E, S)
-        self.attention = TargetAttention(D, (16, 8), scenario_dim=E, activation="prelu", pooling="softmax")
-        self.tower = ScenarioTower(F_IN, E, (16, 8), hidden_gates=True, num_scenarios=S)
+        config = ModelConfig(variant=variant, attention_hidden=[16, 8], tower_hidden=[16, 8], activation="prelu",
+                             pooling="softmax")
+        self.head = RankingHead(config, pooled_dim=2 * D, dim=D, dense_dim=3, scenario_dim=E, num_scenarios=S)
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, user, dense):
-        e = self.table[scenario]  # [B, E]
-        gated = self.gate(behaviours, behaviour_scenario, scenario, self.table)
-        interest = self.attention(gated, target, mask, e)
-        return self.tower(torch.cat([user, target, interest, e, dense], dim=-1), e, scenario)
+        context = torch.arange(scenario.shape[0])
+        gated = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
+        e = self.head.scenario_vectors(scenario)  # [B, E]
+        interest = self.head.interest_padded(gated, mask, target, e, context)
+        return self.head(user, target, interest, dense, scenario, e)
 
 
 def _stack_inputs(batch: int) -> tuple[torch.Tensor, ...]:
@@ -366,8 +402,9 @@ def _stack_inputs(batch: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def test_gradients_reach_every_parameter():
-    stack = Stack()
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_reach_every_parameter(variant: str):
+    stack = HeadStack(variant)
     inputs = _stack_inputs(12)
     labels = torch.randint(0, 2, (12,)).float()
     nn.functional.binary_cross_entropy_with_logits(stack(*inputs), labels).backward()
@@ -375,8 +412,9 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_export_with_dynamic_batch():
-    stack = Stack().eval()
+@pytest.mark.parametrize("variant", ["msit", "star", "pepnet"])
+def test_export_with_dynamic_batch(variant: str):
+    stack = HeadStack(variant).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes = tuple({0: batch} for _ in range(7))
     program = torch.export.export(stack, _stack_inputs(8), dynamic_shapes=shapes)

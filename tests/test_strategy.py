@@ -20,8 +20,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from msit_rec.config import from_dict
 from msit_rec.errors import ConfigError, MsitError
+from msit_rec.fit_config import ShardingConfig
 from msit_rec.train.checkpoint import load_unsharded_checkpoint, load_unsharded_state_dict
-from msit_rec.train.sharding import ShardingConfig, build_constraints, fused_params
+from msit_rec.train.sharding import build_constraints, fused_params
 from msit_rec.train.strategy import TorchRecStrategy, available_devices
 from tests.strategy_worker import TWO_PROCESS_SHARDING
 from tests.toy_model import BAG_TABLES, SEQ_TABLE, TABLE_NAMES, ToyRecModule, batch_loader, make_batch

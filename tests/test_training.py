@@ -20,9 +20,10 @@ from sklearn.metrics import roc_auc_score
 
 import msit_rec.train.fit as fit_module
 from msit_rec.data.spec import DatasetMeta
+from msit_rec.fit_config import FitConfig
 from msit_rec.model import RankingModel
 from msit_rec.train.checkpoint import load_unsharded_checkpoint, load_unsharded_state_dict
-from msit_rec.train.fit import FitConfig, fit
+from msit_rec.train.fit import fit
 from tests.test_strategy import LAUNCH_ENV, flat_tensors, in_process_launch_env  # noqa: F401 (autouse fixture)
 from tests.training_worker import (
     SMALL_RUN,
@@ -141,7 +142,7 @@ def test_two_processes_learn_and_keep_dense_weights_identical(two_process_run: P
         assert losses[-4:].mean() < 0.7 * losses[:4].mean(), losses
     assert records[0]["losses"] != records[1]["losses"]  # the ranks trained on different rows
     dense = [record["dense"] for record in records]
-    assert dense[0].keys() == dense[1].keys() and any(k.startswith("gate.") for k in dense[0])
+    assert dense[0].keys() == dense[1].keys() and any(k.startswith("head.gate.") for k in dense[0])
     for key in dense[0]:
         assert torch.equal(dense[0][key], dense[1][key]), key
     torch.testing.assert_close(records[0]["logits"], records[1]["logits"], rtol=0, atol=0)

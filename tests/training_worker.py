@@ -21,7 +21,8 @@ from msit_rec.config import apply_overrides, from_dict, read_yaml
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
-from msit_rec.train.fit import FitConfig, fit
+from msit_rec.fit_config import FitConfig
+from msit_rec.train.fit import fit
 from msit_rec.train.module import RankingModule
 from msit_rec.train.strategy import TorchRecStrategy
 

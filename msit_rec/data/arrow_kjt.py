@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from msit_rec.data.batch import Batch, keyed_jagged
-from msit_rec.data.spec import DatasetMeta
+from msit_rec.data.spec import BEHAVIOUR_SCENARIO, DatasetMeta
 from msit_rec.errors import DataError, SchemaError
 
 ROW_INDEX_COLUMN = "__row_index"  # added by the loader: position of the row in its split, -1 = padding
@@ -39,8 +39,8 @@ class BatchLayout:
         bounds = {"scenario": scenarios}
         for f in meta.features:
             if f.kind in ("sparse", "sequence"):
-                # hist_scenario holds scenario ids [0, S) whatever its table's size
-                bounds[f.name] = scenarios if f.name == "hist_scenario" else f.cardinality
+                # the behaviours' scenarios are ids in [0, S) whatever their table's size
+                bounds[f.name] = scenarios if f.role == BEHAVIOUR_SCENARIO else f.cardinality
         return cls(
             sparse=tuple(f.name for f in meta.features_of_kind("sparse")),
             sequence=tuple(f.name for f in meta.features_of_kind("sequence")),

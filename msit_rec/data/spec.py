@@ -14,15 +14,19 @@ from typing import Any, Literal
 from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import ConfigError, DataError
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: optional hist_feedback (each behaviour's feedback); version 1 files still load
+OLDEST_CONTRACT_VERSION = 1
 PADDING_INDEX = 0  # encoded id 0 = padding (empty history slot)
 OOV_INDEX = 1  # encoded id 1 = out-of-vocabulary / rare / null
 FIRST_VOCAB_INDEX = 2
 
-HISTORY_COLUMNS = ("hist_item", "hist_cat", "hist_scenario")
 SPLITS = ("train", "valid", "test")
 
 FeatureKind = Literal["sparse", "sequence", "scenario", "dense"]
+# What a feature means beyond its kind and table; one name for it, read everywhere (model, batches, serving)
+FeatureRole = Literal["behaviour_scenario", "behaviour_feedback"]
+BEHAVIOUR_SCENARIO: FeatureRole = "behaviour_scenario"  # the scenario each behaviour happened in (the gate reads it)
+BEHAVIOUR_FEEDBACK: FeatureRole = "behaviour_feedback"  # what the user did with each behaviour (clicked, a rating)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class FeatureSpec:
     embedding_dim: int = 0
     encoding: Literal["vocab", "hash", "scenario", "numeric"] = "vocab"
     vocabulary: str | None = None  # vocabulary Parquet file, relative to dataset.json
+    role: FeatureRole | None = None
 
 
 @dataclass
@@ -71,6 +76,7 @@ class HistoryInfo:
     max_len: int
     events: Literal["clicks", "all"]
     source: str  # "log" (built leak-free from the log) or "precomputed:<column>" (taken as given)
+    feedback: str | None = None  # what hist_feedback holds: "label", a raw column (a rating...), None = no feedback
 
 
 @dataclass
@@ -95,6 +101,21 @@ class DatasetMeta:
     duplicate_rows: int = 0  # valid rows equal to an earlier one; also in rejects['duplicate'] when dropped
     bad_ts: dict[str, int] = field(default_factory=dict)  # kind of the bad_ts rejects (milliseconds, negative, ...)
     empty_scenarios: dict[str, list[str]] = field(default_factory=dict)  # split → declared scenarios with no rows
+
+    def __post_init__(self) -> None:
+        for spec in self.features:  # dataset.json files written before roles existed: the scenario-encoded sequence
+            if spec.role is None and spec.kind == "sequence" and spec.encoding == "scenario":
+                spec.role = BEHAVIOUR_SCENARIO
+
+    @property
+    def behaviour_scenario(self) -> FeatureSpec | None:
+        """The sequence feature holding each behaviour's scenario (None when the dataset has none)."""
+        return next((f for f in self.features if f.role == BEHAVIOUR_SCENARIO), None)
+
+    @property
+    def behaviour_feedback(self) -> FeatureSpec | None:
+        """The sequence feature holding each behaviour's encoded feedback (None: clicks-only, contract v1 style)."""
+        return next((f for f in self.features if f.role == BEHAVIOUR_FEEDBACK), None)
 
     def feature(self, name: str) -> FeatureSpec:
         for spec in self.features:
@@ -152,4 +173,5 @@ class DatasetMeta:
             path = path / "dataset.json"
         if not path.is_file():
             raise DataError(f"{path}: no dataset.json here; run `msit-rec prepare` first")
-        return load_versioned_json(path, cls, "contract_version", CONTRACT_VERSION, "data contract")
+        return load_versioned_json(path, cls, "contract_version", CONTRACT_VERSION, "data contract",
+                                   oldest=OLDEST_CONTRACT_VERSION)

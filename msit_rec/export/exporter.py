@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 
 import msit_rec
-from msit_rec.config import to_dict
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
-from msit_rec.evaluate import HOST, check_dataset, load_model, read_run, resolve_checkpoint
 from msit_rec.export.artifact_files import ARTIFACT_ENTRIES, copy_data_files, hash_files, keep_failed_artifact
 from msit_rec.export.inputs import batch_to_inputs, input_schema
 from msit_rec.export.parity import ParityBounds, describe_parity, failure_cause, paired_logits, parity_report
@@ -29,8 +27,10 @@ from msit_rec.export.precision import parse_precision
 from msit_rec.export.program import compile_aoti, export_program, load_program, save_program
 from msit_rec.export.serving_model import ServingModel, embedding_table_names
 from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
+from msit_rec.run_dir import check_dataset, load_model, read_run, resolve_checkpoint
 from msit_rec.serving.contract import AOTI_FILE, ARTIFACT_VERSION, PROGRAM_FILE, InputSchema, Manifest, ParityReport
 
+SERVING_DEVICE = torch.device("cpu")  # where the serving runtime runs the program unless told otherwise
 EXAMPLE_ROWS = 16  # rows traced by torch.export (any number ≥ 2: the batch dimension stays symbolic)
 EXAMPLE_CONTEXTS = 8  # contexts of the traced rows: ≥ 2 and ≠ EXAMPLE_ROWS, so neither size is specialised
 
@@ -61,7 +61,7 @@ def export_run(
     """
     if parity_rows is not None and parity_rows < 1:
         raise ConfigError(f"--parity_rows must be ≥ 1 (or omitted for every row), got {parity_rows}")
-    device = device if device is not None else HOST
+    device = device if device is not None else SERVING_DEVICE
     out_dir = Path(out_dir)
     run = read_run(run_dir)
     meta = DatasetMeta.load(run.data_dir)
@@ -101,7 +101,7 @@ def export_run(
             checkpoint=str(ckpt.resolve()),
             dataset_name=meta.name,
             dataset_hash=meta.content_hash,
-            model=to_dict(run.model),
+            model=run.model,
             inputs=schema,
             tables=infos,
             files=hash_files(staging, written),

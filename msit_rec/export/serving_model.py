@@ -1,13 +1,12 @@
 """`ServingModel`: the trained RankingModel over the artifact's plain tensors, exportable with `torch.export`.
 
-The dense modules (scenario embedding, behaviour gate, target attention, tower) are the trained ones, copied;
-the TorchRec tables become `ServingTable`s (fp32/fp16/int8 buffers). Jagged inputs are what most often breaks
-export, so behaviours arrive padded `[C, H, L]` with their lengths, one history per context (a /rank request's
-candidates share one): positions past `hist_len` are zeroed by mask (whatever the table's row 0 or the request
-holds there) and masked out of the attention, so only the real behaviours count, as in RankingModel, which never
-looks padding up. The lookups and the gate run once per context; the attention per row, on its context's gated
-behaviours. The padded gate/attention forwards run here (they export, and are as fast as the packed ones at
-serving sizes); `forward` mirrors RankingModel.forward after the lookups, and the parity tests keep the two in step.
+The model body after the lookups is the trained `RankingHead` itself (copied), so training and serving run one
+body; only the lookups and the layout of the behaviours differ here. The TorchRec tables become `ServingTable`s
+(fp32/fp16/int8 buffers). Jagged inputs are what most often breaks export, so behaviours arrive padded `[C, K, L]`
+with their lengths, one history per context (a /rank request's candidates share one): positions past `hist_len`
+are zeroed by mask (whatever the table's row 0 or the request holds there) and masked out of the attention, so only
+the real behaviours count, as in RankingModel, which never looks padding up. The lookups and the gate run once per
+context, the attention per row on its context's gated behaviours. Shapes: the legend in msit_rec/modules.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ import torch
 from torch import nn
 
 from msit_rec.data.spec import DatasetMeta
-from msit_rec.embeddings import BatchEmbeddings, EmbeddingLayout, SequencePath
+from msit_rec.embeddings import BatchEmbeddings, EmbeddingLayout
 from msit_rec.export.inputs import input_schema
 from msit_rec.export.tables import ServingTable
+from msit_rec.fit_config import SequencePath
 from msit_rec.model import RankingModel
 from msit_rec.modules.target_attention import lengths_to_mask
 from msit_rec.serving.contract import Precision
-
-OWN_SCENARIO = "hist_scenario"  # the sequence the behaviour gate reads
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def bag_feature_order(embeddings: BatchEmbeddings) -> list[str]:
 
 
 class ServingModel(nn.Module):
-    """Logits [B] of B rows over C contexts: (sparse [B, Fs], history [C, H, L], hist_len [C], scenario [C],
+    """Logits [B] of B rows over C contexts: (sparse [B, Fs], history [C, K, L], hist_len [C], scenario [C],
     dense [B, Fd], context [B]) — see msit_rec/serving/contract.py."""
 
     def __init__(self, model: RankingModel, meta: DatasetMeta, precision: dict[str, Precision]) -> None:
@@ -90,19 +88,17 @@ class ServingModel(nn.Module):
             for slot in layout.slots
         ]
         self.max_len = layout.max_len
-        self.parts = model.parts
-        self.own_scenario_row = schema.sequence.index(OWN_SCENARIO) if model.gate is not None else None
-        self.scenario_embedding = copy.deepcopy(model.scenario_embedding)
-        self.gate = copy.deepcopy(model.gate)
-        self.attention = copy.deepcopy(model.attention)
-        self.tower = copy.deepcopy(model.tower)
+        gated, feedback = model.head.gate is not None, meta.behaviour_feedback
+        self.own_scenario_row = schema.sequence.index(meta.behaviour_scenario.name) if gated else None
+        self.feedback_row = schema.sequence.index(feedback.name) if gated and feedback is not None else None
+        self.head = copy.deepcopy(model.head)
         self.requires_grad_(False)
         self.eval()
 
     def forward(
         self,
         sparse: torch.Tensor,  # [B, Fs] int64
-        history: torch.Tensor,  # [C, H, L] int64
+        history: torch.Tensor,  # [C, K, L] int64
         hist_len: torch.Tensor,  # [C] int64
         scenario: torch.Tensor,  # [C] int64
         dense: torch.Tensor,  # [B, Fd] float32
@@ -112,31 +108,25 @@ class ServingModel(nn.Module):
         pooled = (
             torch.cat([self.tables[table](sparse[:, column]) for table, column in self.bag_columns], dim=-1)
             if self.bag_columns else dense.new_zeros((batch, 0))
-        )  # [B, Fu]
-        # once per context: the behaviours, their gate and the scenario embedding
-        context_mask = lengths_to_mask(hist_len, self.max_len)  # [C, L]
+        )  # [B, U]
+        # once per context: the behaviours and their gate
+        mask = lengths_to_mask(hist_len, self.max_len)  # [C, L]
         targets, sequences = [], []
         for slot in self.slots:
             table = self.tables[slot.table]
             rows = table(history[:, slot.history_row])  # [C, L, d]
-            sequences.append(torch.where(context_mask[..., None], rows, 0.0))
+            sequences.append(torch.where(mask[..., None], rows, 0.0))
             targets.append(
                 table(sparse[:, slot.target_column]) if slot.target_column is not None else rows.new_zeros(batch, slot.dim)
             )
         target = torch.cat(targets, dim=-1)  # [B, D]
         behaviours = torch.cat(sequences, dim=-1)  # [C, L, D]
-        if self.gate is not None:
-            own = torch.where(context_mask, history[:, self.own_scenario_row], 0)  # [C, L]
-            behaviours = self.gate(behaviours, own, scenario, self.scenario_embedding.weight)
-        # per row: the row's context, gathered
+        if self.own_scenario_row is not None:
+            own = torch.where(mask, history[:, self.own_scenario_row], 0)  # [C, L]
+            feedback = torch.where(mask, history[:, self.feedback_row], 0) if self.feedback_row is not None else None
+            behaviours = self.head.gate_padded(behaviours, own, scenario, feedback)
+        # per row: its context's scenario and behaviours
         scenario = scenario.index_select(0, context)  # [B]
-        scenario_emb = self.scenario_embedding(scenario) if self.scenario_embedding is not None else None  # [B, E]
-        if self.attention is not None:
-            attention_scenario = scenario_emb if self.parts.attention_scenario else None
-            interest = self.attention(behaviours, target, context_mask, attention_scenario, context)  # [B, D]
-        else:
-            interest = behaviours.sum(dim=1).index_select(0, context)  # padded positions are zero rows
-        features = [pooled, target, interest, dense]
-        if self.parts.scenario_input:
-            features.append(scenario_emb)
-        return self.tower(torch.cat(features, dim=-1), scenario_emb, scenario)
+        scenario_emb = self.head.scenario_vectors(scenario)  # [B, E]
+        interest = self.head.interest_padded(behaviours, mask, target, scenario_emb, context)  # [B, D]
+        return self.head(pooled, target, interest, dense, scenario, scenario_emb)

@@ -62,6 +62,7 @@ class TargetAttention(nn.Module):
         if not hidden_dims:
             raise ConfigError("attention hidden_dims: expected at least one layer, got none")
         self.dim = dim
+        self.output_dim = dim  # the interest is a weighted sum of behaviours
         self.scenario_dim = scenario_dim
         self.pooling = pooling
         self.first = nn.Linear(4 * dim + scenario_dim, hidden_dims[0])  # over [b, t, b⊙t, b−t, e]
@@ -118,8 +119,8 @@ class TargetAttention(nn.Module):
         self, behaviours: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
         """The same [B, L, H] when rows share contexts: `(W_b + W_d)·b` once per context, then `(t⊙b)·W_p` per row as
-        one `[B·L, D] × [D, H]` matmul — faster than the batched small matmuls of `_first_per_row` (11 vs 20 ms at 512
-        candidates on one core), but D×H more per behaviour when every row has its own context."""
+        one `[B·L, D] × [D, H]` matmul — one large product instead of B small ones (faster in bench_serve), but D×H
+        more per behaviour when every row has its own context."""
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         shared = torch.matmul(behaviours, (w_b + w_d).t()).index_select(0, context)  # [B, L, H]
         return torch.matmul(rows * target[:, None, :], w_p.t()).add_(shared)
@@ -147,18 +148,24 @@ class TargetAttention(nn.Module):
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None = None,  # [B, E]
     ) -> torch.Tensor:  # [B, D] interest; zero for an example without behaviours
+        weights = self.weights_packed(behaviours, example, target, scenario_emb)  # [N]
+        return behaviours.new_zeros(target.shape).index_add_(0, example, weights[:, None] * behaviours)
+
+    def weights_packed(
+        self,
+        behaviours: torch.Tensor,  # [N, D]
+        example: torch.Tensor,  # [N] int64
+        target: torch.Tensor,  # [B, D]
+        scenario_emb: torch.Tensor | None = None,  # [B, E]
+    ) -> torch.Tensor:  # [N] α_j: each behaviour's weight in its example's interest
         batch, dim = target.shape
         per_example = self._per_example(target, scenario_emb)  # [B, H]
         w_b, _, w_p, w_d, _ = self._blocks(dim)
         paired = torch.cat([behaviours, behaviours * target.index_select(0, example)], dim=1)  # [N, 2D]: [b, b⊙t]
         hidden = torch.mm(paired, torch.cat([w_b + w_d, w_p], dim=1).t())  # [N, H]
         hidden = self.first_activation(hidden.add_(per_example.index_select(0, example)))  # fresh: in place is safe
-        scores = self.rest(hidden).squeeze(1)  # [N]
-        if self.pooling == "softmax":
-            scores = segment_softmax(scores, example, batch)
-        return behaviours.new_zeros(batch, dim).index_add_(
-            0, example, scores[:, None].to(behaviours.dtype) * behaviours
-        )
+        scores = self.rest(hidden).squeeze(1).to(behaviours.dtype)  # [N]
+        return segment_softmax(scores, example, batch) if self.pooling == "softmax" else scores
 
 
 def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ class ScenarioScale(nn.Module):
     each feature. Zero weights do not stall learning: W's gradient is σ'·γ·(upstream ⊙ x)·e(s), not through W.
     """
 
-    def __init__(self, scenario_dim: int, dim: int, scale: float = 2.0) -> None:
+    def __init__(self, scenario_dim: int, dim: int) -> None:
         super().__init__()
-        self.scale = scale
+        self.scale = 2.0
         self.linear = nn.Linear(scenario_dim, dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -31,7 +31,8 @@ class ScenarioScale(nn.Module):
 
 
 class ScenarioTower(nn.Module):
-    """`x = [u, t, interest, e(s), dense]` → (EPNet input gate) → MLP (PPNet hidden gates | STAR layers) → logit.
+    """`x` [B, F] (RankingHead: `[pooled, target, interest, dense, e(s)]`) → (EPNet input gate) → MLP (PPNet hidden
+    gates | STAR layers) → logit.
 
     Options map onto the model variants: `input_gate` (EPNet, `msit` and `pepnet`), `hidden_gates` (PPNet,
     `pepnet`), `num_scenarios` (STAR layers, `star`); all off is the plain tower of `shared`/`din`.
@@ -45,26 +46,15 @@ class ScenarioTower(nn.Module):
         *,
         activation: str = "relu",
         dropout: float = 0.0,
-        batch_norm: bool = False,
         input_gate: bool = True,
         hidden_gates: bool = False,
         num_scenarios: int | None = None,
-        gate_scale: float = 2.0,
     ) -> None:
         super().__init__()
-        self.input_gate = ScenarioScale(scenario_dim, in_dim, gate_scale) if input_gate else None
-        self.hidden_gates = (
-            nn.ModuleList(ScenarioScale(scenario_dim, h, gate_scale) for h in hidden_dims) if hidden_gates else None
-        )
-        self.mlp = MLP(
-            in_dim,
-            hidden_dims,
-            out_dim=1,
-            activation=activation,
-            dropout=dropout,
-            batch_norm=batch_norm,
-            num_scenarios=num_scenarios,
-        )
+        self.input_gate = ScenarioScale(scenario_dim, in_dim) if input_gate else None
+        self.hidden_gates = nn.ModuleList(ScenarioScale(scenario_dim, h) for h in hidden_dims) if hidden_gates else None
+        self.mlp = MLP(in_dim, hidden_dims, out_dim=1, activation=activation, dropout=dropout, num_scenarios=num_scenarios)
+        self.output_dim = 1
 
     def forward(
         self,

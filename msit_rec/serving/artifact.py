@@ -86,7 +86,7 @@ class RankingArtifact:
             "artifact": str(self.root),
             "backend": self.backend,
             "dataset": self.manifest.dataset_name,
-            "model": self.manifest.model.get("variant"),
+            "model": self.manifest.model.variant,
             "created_at": self.manifest.created_at,
             "scenarios": list(self.manifest.inputs.scenarios),
             "max_len": self.manifest.inputs.max_len,

@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import DataError
+from msit_rec.fit_config import ModelConfig
 
 ARTIFACT_VERSION = 2  # 2: per-context history/hist_len/scenario + `context` input
 MANIFEST_FILE = "manifest.json"
@@ -103,7 +104,7 @@ class Manifest:
     checkpoint: str
     dataset_name: str
     dataset_hash: str
-    model: dict[str, Any]  # ModelConfig as written by fit (variant, attention_hidden, ...)
+    model: ModelConfig  # the run's model config (variant, attention_hidden, ...)
     inputs: InputSchema
     tables: list[TableInfo]
     files: dict[str, str]  # relative path → sha256 of every file of the artifact but the manifest

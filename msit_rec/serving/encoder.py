@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from msit_rec.data.encoding import hash_bucket
-from msit_rec.data.spec import FIRST_VOCAB_INDEX, OOV_INDEX, PADDING_INDEX, DatasetMeta, FeatureSpec
+from msit_rec.data.spec import BEHAVIOUR_SCENARIO, FIRST_VOCAB_INDEX, OOV_INDEX, PADDING_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import DataError
 from msit_rec.serving.contract import InputSchema
 from msit_rec.serving.program_inputs import ProgramInputs
@@ -59,7 +59,6 @@ class RequestEncoder:
         self.meta = meta
         self.inputs = inputs
         self.schema = RequestSchema.from_meta(meta, inputs)
-        scenario_feature = meta.features_of_kind("scenario")[0].name
         vocabularies: dict[str, Vocabulary] = {}
 
         def id_encoder(spec: FeatureSpec) -> IdEncoder:
@@ -79,7 +78,7 @@ class RequestEncoder:
         self.sequence: list[tuple[str | None, IdEncoder | None]] = []
         for name in inputs.sequence:
             shared = meta.feature(name).source
-            if shared == scenario_feature:
+            if meta.feature(name).role == BEHAVIOUR_SCENARIO:
                 self.sequence.append((None, None))
             elif shared == "":
                 self.sequence.append(("", None))

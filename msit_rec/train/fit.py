@@ -12,24 +12,28 @@ sibling until the new fit has finished, and put back if it fails.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
+from msit_rec.fit_config import FitConfig, ModelConfig
 from msit_rec.host import is_launching_process, tune_glibc_malloc
-from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.model import RankingModel
 from msit_rec.outputs import check_replaceable_dir, replace_dir, sibling
+from msit_rec.run_dir import (
+    CHECKPOINT_DIR,
+    RUN_ENTRIES,
+    FitResult,
+    checkpoint_path,
+    write_fit_result,
+    write_run_record,
+)
 from msit_rec.train.checkpoint import (
     DATASET_HASH_KEY,
     check_checkpoint_dir,
@@ -37,67 +41,9 @@ from msit_rec.train.checkpoint import (
     checkpoint_shapes,
     load_trainer_state,
 )
-from msit_rec.train.module import ExamplesDataModule, OptimConfig, RankingModule
-from msit_rec.train.sharding import ShardingConfig
+from msit_rec.train.module import ExamplesDataModule, RankingModule
+from msit_rec.train.progress import StderrProgressBar
 from msit_rec.train.strategy import TorchRecStrategy, check_devices
-
-
-@dataclass
-class TrainerConfig:
-    """Section `trainer` of configs/trainer/*.yaml."""
-
-    accelerator: Literal["cpu", "gpu"] = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    max_epochs: int = 3
-    max_steps: int = -1
-    batch_size: int = 4096
-    eval_batch_size: int = 8192
-    num_workers: int = 0
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
-    seed: int = 0
-    # seeded runs repeat bit for bit: without it some CPU kernels of the model's backward differ in the last bit
-    # between identical runs (measured), and the difference grows with training. False may be faster on GPU.
-    deterministic: bool = True
-    early_stopping_patience: int = 2
-    tune_malloc: bool = True  # keep large freed blocks in glibc's heap (msit_rec/host.py): fewer page faults
-    log_every_n_steps: int = 20
-    limit_train_batches: int | float = 1.0
-    limit_val_batches: int | float = 1.0
-    progress_bar: bool = True
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("devices", "num_nodes", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_epochs == 0 or self.max_epochs < -1:
-            raise ValueError(f"max_epochs must be >= 1 (or -1 with max_steps > 0), got {self.max_epochs}")
-        if self.max_epochs == -1 and self.max_steps <= 0:
-            raise ValueError("max_epochs=-1 (no epoch limit) needs max_steps > 0")
-
-
-@dataclass
-class FitConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-
-@dataclass
-class FitResult:
-    best_checkpoint: str
-    last_checkpoint: str
-    best_val_auc: float | None
-    log_dir: str
-    global_rank: int  # every process returns a result; only rank 0 should report it
-
-
-FIT_CONFIG_FILE = "fit_config.yaml"
-FIT_RESULT_FILE = "fit_result.json"
-CHECKPOINT_DIR = "checkpoints"
-# What a run directory holds; anything else in --out is a user's file that fit refuses to write beside or replace.
-RUN_ENTRIES = (FIT_CONFIG_FILE, FIT_RESULT_FILE, CHECKPOINT_DIR, "logs", "tensorboard")
 
 
 def check_model_fits_dataset(meta: DatasetMeta, model: ModelConfig) -> RankingModel:
@@ -126,15 +72,9 @@ def _check_out_dir(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
     check_replaceable_dir(out_dir, overwrite=True, entries=RUN_ENTRIES)  # only a user's own files are refused here
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(
-            f"--out {out_dir}: holds a run already; pass --resume {out_dir / CHECKPOINT_DIR / 'last.ckpt'} to "
+            f"--out {out_dir}: holds a run already; pass --resume {checkpoint_path(out_dir, 'last')} to "
             f"continue it, or --overwrite to replace it"
         )
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = sibling(path, ".tmp-")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def fit(
@@ -161,9 +101,7 @@ def fit(
         out_dir.rename(set_aside)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / FIT_CONFIG_FILE, yaml.safe_dump(
-        {"data": str(data_dir), "dataset_hash": meta.content_hash, **to_dict(config)}, sort_keys=False
-    ))
+    write_run_record(out_dir, data_dir, meta.content_hash, config)
     try:
         result = _train(config, meta, data_dir, out_dir, resume)
     except BaseException:
@@ -210,7 +148,8 @@ def _train(config: FitConfig, meta: DatasetMeta, data_dir: Path, out_dir: Path, 
         enable_model_summary=False,
         default_root_dir=out_dir,
         logger=[CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tensorboard")],
-        callbacks=[best, last, EarlyStopping(monitor="val/auc", mode="max", patience=t.early_stopping_patience)],
+        callbacks=[best, last, EarlyStopping(monitor="val/auc", mode="max", patience=t.early_stopping_patience),
+                   *([StderrProgressBar()] if t.progress_bar else [])],  # bars on stderr, results on stdout
     )
     module = RankingModule(meta, config.model, t.optim)
     data = ExamplesDataModule(data_dir, t.batch_size, t.eval_batch_size, t.num_workers, t.seed)
@@ -221,8 +160,7 @@ def _train(config: FitConfig, meta: DatasetMeta, data_dir: Path, out_dir: Path, 
         last_checkpoint=str(last.best_model_path),
         best_val_auc=float(best_score) if best_score is not None else None,
         log_dir=str(out_dir / "logs"),
-        global_rank=trainer.global_rank,
     )
     if trainer.is_global_zero:
-        _write_text(out_dir / FIT_RESULT_FILE, json.dumps(result.__dict__, indent=2) + "\n")
+        write_fit_result(out_dir, result)
     return result

@@ -8,9 +8,8 @@ gathers every prediction, it does not average per-rank AUCs), and the dense opti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,17 +21,10 @@ from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import TrainingError
-from msit_rec.model import ModelConfig, RankingModel
+from msit_rec.fit_config import ModelConfig, OptimConfig
+from msit_rec.model import RankingModel
 from msit_rec.train.checkpoint import DATASET_HASH_KEY
 from msit_rec.train.optim import dense_parameters
-
-
-@dataclass
-class OptimConfig:
-    dense_lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:

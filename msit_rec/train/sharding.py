@@ -13,8 +13,7 @@ allowed here on every device; fused Adam exists only on GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,9 +28,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from msit_rec.errors import ConfigError
-
-ShardingKind = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]
-EmbeddingOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
+from msit_rec.fit_config import ShardingConfig
 
 _FUSED_OPTIMIZERS: dict[str, EmbOptimType] = {
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
@@ -51,33 +48,6 @@ _DEFAULT_SHARDING_TYPES = [
     ShardingType.TABLE_COLUMN_WISE.value,
 ]
 _SEQUENCE_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value]
-
-
-@dataclass
-class ShardingConfig:
-    """How embedding tables are placed over processes and which fused optimizer updates them.
-
-    `table_sharding` maps a table name (as declared in the model's EmbeddingBagConfig/EmbeddingConfig)
-    to a forced sharding type; tables not named are placed by TorchRec's planner.
-    `embedding_lr`/`embedding_eps` are the fused optimizer's hyper-parameters (eps unused by sgd).
-    """
-
-    table_sharding: dict[str, ShardingKind] = field(default_factory=dict)
-    embedding_optimizer: EmbeddingOptimizer = "rowwise_adagrad"
-    embedding_lr: float = 0.01
-    embedding_eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if self.embedding_optimizer not in _FUSED_OPTIMIZERS:
-            raise ConfigError(
-                f"embedding_optimizer: expected one of {sorted(_FUSED_OPTIMIZERS)}, got {self.embedding_optimizer!r}"
-            )
-        allowed = {"table_wise", "row_wise", "column_wise", "data_parallel"}
-        for table, kind in self.table_sharding.items():
-            if kind not in allowed:
-                raise ConfigError(f"table_sharding.{table}: expected one of {sorted(allowed)}, got {kind!r}")
-        if self.embedding_lr <= 0:
-            raise ConfigError(f"embedding_lr: expected a positive number, got {self.embedding_lr}")
 
 
 class _AnyDeviceRowWiseEBCSharder(EmbeddingBagCollectionSharder):

@@ -30,6 +30,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizer
 
 from msit_rec.errors import ConfigError, MsitError
+from msit_rec.fit_config import ShardingConfig
 from msit_rec.train.checkpoint import (
     load_sharded_into,
     load_trainer_state,
@@ -38,7 +39,7 @@ from msit_rec.train.checkpoint import (
     split_checkpoint,
 )
 from msit_rec.train.optim import StepAllCombinedOptimizer, init_dense_state, keyed_dense_optimizer
-from msit_rec.train.sharding import ShardingConfig, make_sharders, plan_sharding, table_placements
+from msit_rec.train.sharding import make_sharders, plan_sharding, table_placements
 
 _DMP_ATTR = "_msit_dmp"  # where a sharded LightningModule keeps its DMP wrapper (not a registered child)
 DENSE_PARAM_GROUPS_KEY = "msit_dense_param_groups"  # trainer_state key: dense hyper-parameters (lr, ...)

@@ -2,17 +2,24 @@
 
 MovieLens has no scenarios and no impressions, so both are derived:
 - `label` = 1 when the rating is at least `rating_threshold` (a rating the user would have "clicked");
-- `scenario` = the group of the movie's *first* listed genre (`genre_groups`, everything else →
-  `other_scenario`), a stand-in for "which shelf of the product showed the movie". A rating of a movie
-  missing from movies.csv gets a null scenario, which `prepare` rejects.
+- `scenario`, a stand-in for "which shelf of the product showed the movie", by `scenario_by`:
+  - `genre`: the group of the movie's *first* listed genre (`genre_groups`, everything else → `other_scenario`).
+    A rating of a movie missing from movies.csv gets a null scenario, which `prepare` rejects;
+  - `popularity`: the movie's popularity tier — `head`, `torso`, `tail`: the most rated movies that make up the
+    first third of all ratings, the next third, the rest (counted over the whole file: the tier is a property of
+    the catalogue, like a shelf, not a feature). Users cross these shelves as much as the genre groups (a user's
+    main shelf holds 56 % of their ratings on average; 600 of 610 users rate on several), and the click rate
+    differs far more between shelves (0.59 / 0.47 / 0.38) than between genre groups.
 
-Output side features: `genre` (first genre, text) and `decade` (release decade from the title's trailing
-`(YYYY)`, int64, null when the title has none).
+Output side features: `genre` (first genre, text), `decade` (release decade from the title's trailing `(YYYY)`,
+int64, null when the title has none) and `rating` (float: the graded feedback `history.feedback: rating` puts in
+each behaviour).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import polars as pl
 
@@ -38,6 +45,7 @@ class MovieLensOptions:
     rating_threshold: float = 4.0  # rating >= this is a click
     genre_groups: dict[str, list[str]] = field(default_factory=_default_genre_groups)  # scenario → first genres
     other_scenario: str = "drama_other"  # scenario of every first genre not listed in genre_groups
+    scenario_by: Literal["genre", "popularity"] = "genre"
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -63,18 +71,34 @@ def read_movielens(source: SourceConfig) -> pl.LazyFrame:
         pl.col("genres").str.split("|").list.first().alias("genre"),
         (pl.col("title").str.extract(TITLE_YEAR, 1).cast(pl.Int64) // 10 * 10).alias("decade"),
     )
-    scenario = (
-        pl.when(pl.col("genre").is_not_null())
-        .then(pl.col("genre").replace_strict(options.genre_to_scenario(), default=options.other_scenario))
-        .alias("scenario")
+    rated = ratings.select(
+        as_int("userId").alias("user_id"),
+        as_int("movieId").alias("item_id"),
+        as_int("timestamp").alias("ts"),
+        (as_float("rating") >= options.rating_threshold).cast(pl.Int8).alias("label"),
+        as_float("rating").alias("rating"),
+    ).join(movie_features, on="item_id", how="left", maintain_order="left")
+    with_scenario = (
+        _with_popularity_tier(rated) if options.scenario_by == "popularity"
+        else rated.with_columns(_genre_group(options).alias("scenario"))
     )
-    return (
-        ratings.select(
-            as_int("userId").alias("user_id"),
-            as_int("movieId").alias("item_id"),
-            as_int("timestamp").alias("ts"),
-            (as_float("rating") >= options.rating_threshold).cast(pl.Int8).alias("label"),
-        )
-        .join(movie_features, on="item_id", how="left", maintain_order="left")
-        .select("user_id", "item_id", scenario, "ts", "label", "genre", "decade")
+    return with_scenario.select("user_id", "item_id", "scenario", "ts", "label", "genre", "decade", "rating")
+
+
+def _genre_group(options: MovieLensOptions) -> pl.Expr:
+    return pl.when(pl.col("genre").is_not_null()).then(
+        pl.col("genre").replace_strict(options.genre_to_scenario(), default=options.other_scenario)
     )
+
+
+def _with_popularity_tier(rated: pl.LazyFrame) -> pl.LazyFrame:
+    """`scenario` = head / torso / tail: the movie's place in the cumulative share of all ratings, most rated
+    first (ties by item id), cut at one and two thirds."""
+    share = pl.col("n").cum_sum() / pl.col("n").sum()
+    tiers = (
+        rated.group_by("item_id").agg(pl.len().alias("n"))
+        .sort(["n", "item_id"], descending=[True, False])
+        .select("item_id", pl.when(share <= 1 / 3).then(pl.lit("head"))
+                .when(share <= 2 / 3).then(pl.lit("torso")).otherwise(pl.lit("tail")).alias("scenario"))
+    )
+    return rated.join(tiers, on="item_id", how="left", maintain_order="left")

@@ -1,0 +1,151 @@
+"""The `fit` configuration as typed dataclasses: sections `model` and `trainer` (with `optim` and `sharding`).
+
+No torch, TorchRec or Lightning import here: a run directory's `fit_config.yaml` and an artifact's manifest are read
+back into these types anywhere — by `evaluate`, `export` and the serving runtime — without the training stack.
+Every default is declared once, here; the shipped YAML files only name what differs from it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msit_rec.errors import ConfigError
+
+Variant = Literal["shared", "din", "din_sid", "star", "pepnet", "msit"]
+Activation = Literal["relu", "prelu", "gelu", "silu"]
+ShardingKind = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]
+EmbeddingOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
+
+
+class SequencePath(enum.Enum):
+    """How behaviour sequences are looked up (msit_rec/embeddings.py); the same numbers either way."""
+
+    EMBEDDING_COLLECTION = "embedding_collection"  # TorchRec EmbeddingCollection: shards well on GPU
+    POOLED_BAGS = "pooled_bags"  # one bag per position: FBGEMM's fast pooled backward on CPU
+
+
+@dataclass(frozen=True)
+class VariantParts:
+    """What a variant switches on; every part is off unless named, so a preset lists only what it adds."""
+
+    attention: bool = False  # DIN target attention over the behaviours (else sum pooling)
+    attention_scenario: bool = False  # e(s) joins the attention's input
+    behaviour_gate: bool = False  # σ(W_s [b_j; e(s_j)] + c_s) ⊙ b_j before the attention
+    scenario_input: bool = False  # e(s) joins the tower input
+    input_gate: bool = False  # EPNet: the tower input scaled by a gate of e(s)
+    hidden_gates: bool = False  # PPNet: every hidden layer scaled by a gate of e(s)
+    star: bool = False  # STAR: shared ⊙ scenario-specific tower weights
+
+    @property
+    def uses_scenario(self) -> bool:
+        """Whether the served scenario's embedding is read at all (`shared` and `din` never read it)."""
+        return any((self.behaviour_gate, self.attention_scenario, self.scenario_input, self.input_gate, self.star))
+
+
+VARIANTS: dict[str, VariantParts] = {
+    "shared": VariantParts(),  # no scenario input at all; history sum-pooled
+    "din": VariantParts(attention=True),
+    "din_sid": VariantParts(attention=True, scenario_input=True),  # + the scenario id as one more tower feature
+    "star": VariantParts(attention=True, scenario_input=True, star=True),
+    "pepnet": VariantParts(attention=True, scenario_input=True, input_gate=True, hidden_gates=True),
+    "msit": VariantParts(
+        attention=True, attention_scenario=True, behaviour_gate=True, scenario_input=True, input_gate=True
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Section `model`: a variant preset plus the sizes every variant shares."""
+
+    variant: Variant = "msit"
+    attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
+    pooling: Literal["sum", "softmax"] = "sum"
+    tower_hidden: list[int] = field(default_factory=lambda: [512, 256])
+    activation: Activation = "relu"
+    dropout: float = 0.0
+    sequence_path: SequencePath = SequencePath.POOLED_BAGS
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.attention_hidden:
+            raise ValueError("attention_hidden: expected at least one layer, got none")
+
+    @property
+    def parts(self) -> VariantParts:
+        return VARIANTS[self.variant]
+
+
+@dataclass
+class OptimConfig:
+    """Section `trainer.optim`: the dense parameters' AdamW and its learning-rate schedule."""
+
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 20
+
+
+@dataclass
+class ShardingConfig:
+    """Section `trainer.sharding`: where tables live and the fused optimizer that updates them.
+
+    `table_sharding` maps a table name to a forced sharding type; tables not named are placed by TorchRec's
+    planner. `embedding_lr`/`embedding_eps` are the fused optimizer's hyper-parameters (eps unused by sgd).
+    """
+
+    table_sharding: dict[str, ShardingKind] = field(default_factory=dict)
+    embedding_optimizer: EmbeddingOptimizer = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    embedding_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.embedding_lr <= 0:
+            raise ConfigError(f"embedding_lr: expected a positive number, got {self.embedding_lr}")
+
+
+@dataclass
+class TrainerConfig:
+    """Section `trainer`: one CPU process by default (configs/trainer/*.yaml name what differs)."""
+
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    max_epochs: int = 3
+    max_steps: int = -1
+    batch_size: int = 4096
+    eval_batch_size: int = 8192
+    num_workers: int = 0  # on 2 cores the in-process loader is fastest (benchmarks/bench_loader.py)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    seed: int = 0
+    # seeded runs repeat bit for bit: without it some CPU kernels of the model's backward differ in the last bit
+    # between identical runs, and the difference grows with training. False may be faster on GPU.
+    deterministic: bool = True
+    early_stopping_patience: int = 2
+    tune_malloc: bool = True  # keep large freed blocks in glibc's heap (msit_rec/host.py): fewer page faults
+    log_every_n_steps: int = 20
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
+    progress_bar: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("devices", "num_nodes", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_epochs == 0 or self.max_epochs < -1:
+            raise ValueError(f"max_epochs must be >= 1 (or -1 with max_steps > 0), got {self.max_epochs}")
+        if self.max_epochs == -1 and self.max_steps <= 0:
+            raise ValueError("max_epochs=-1 (no epoch limit) needs max_steps > 0")
+
+
+@dataclass
+class FitConfig:
+    """Everything `msit-rec fit` is configured with (what `fit_config.yaml` records besides the data)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -1,0 +1,118 @@
+"""The model body after the embedding lookups, shared by training (RankingModel) and serving (ServingModel)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msit_rec.fit_config import ModelConfig
+from msit_rec.modules.scenario_gate import ScenarioGate
+from msit_rec.modules.target_attention import TargetAttention
+from msit_rec.modules.tower import ScenarioTower
+
+
+class RankingHead(nn.Module):
+    """Scenario embedding e(s) → behaviour gate → target attention (or sum pooling) → scenario-aware tower → logit.
+
+    The variant (`ModelConfig.parts`) decides which parts exist. Behaviours come in two layouts of the same function:
+    packed — the N real behaviours, what training looks up (`gate_packed`, `attention_packed`) — and padded per
+    context with a mask, what the exported program takes (`gate_padded`, `interest_padded`). `forward` is the tail
+    both share: the tower over `[pooled, target, interest, dense, e(s)]`, whose width comes from the parts' output
+    dims. Shapes: the legend in msit_rec/modules/__init__.py.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        pooled_dim: int,
+        dim: int,
+        dense_dim: int,
+        scenario_dim: int,
+        num_scenarios: int,
+        feedback_values: int = 0,  # V of the behaviours' feedback the gate conditions on; 0 = none
+    ) -> None:
+        super().__init__()
+        parts = config.parts
+        self.parts = parts
+        # S rows: a plain dense (replicated) table; absent when the variant never looks at the scenario
+        self.scenario_embedding = nn.Embedding(num_scenarios, scenario_dim) if parts.uses_scenario else None
+        self.gate = ScenarioGate(dim, scenario_dim, num_scenarios, feedback_values) if parts.behaviour_gate else None
+        self.attention = (
+            TargetAttention(
+                dim,
+                config.attention_hidden,
+                scenario_dim=scenario_dim if parts.attention_scenario else 0,
+                activation=config.activation,
+                pooling=config.pooling,
+            )
+            if parts.attention
+            else None
+        )
+        interest_dim = self.attention.output_dim if self.attention is not None else dim  # sum pooling keeps D
+        tower_in = pooled_dim + dim + interest_dim + dense_dim + (scenario_dim if parts.scenario_input else 0)
+        self.tower = ScenarioTower(
+            tower_in,
+            scenario_dim,
+            config.tower_hidden,
+            activation=config.activation,
+            dropout=config.dropout,
+            input_gate=parts.input_gate,
+            hidden_gates=parts.hidden_gates,
+            num_scenarios=num_scenarios if parts.star else None,
+        )
+        self.output_dim = self.tower.output_dim
+
+    def scenario_vectors(self, scenario: torch.Tensor) -> torch.Tensor | None:
+        """e(s) [B, E] of each row's served scenario [B]; None for variants that never read it."""
+        return self.scenario_embedding(scenario) if self.scenario_embedding is not None else None
+
+    def _attention_scenario(self, scenario_emb: torch.Tensor | None) -> torch.Tensor | None:
+        return scenario_emb if self.parts.attention_scenario else None
+
+    def gate_packed(
+        self, behaviours: torch.Tensor, own: torch.Tensor, served: torch.Tensor, feedback: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The gate σ(·) [N, D] of each behaviour [N, D] for (served [N], own scenario [N], feedback [N] or None);
+        requires a gate."""
+        return self.gate.values_packed(behaviours, own, served, self.scenario_embedding.weight, feedback)
+
+    def gate_padded(
+        self, behaviours: torch.Tensor, own: torch.Tensor, scenario: torch.Tensor, feedback: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Behaviours [C, L, D] gated by (served scenario [C], own scenario [C, L], feedback [C, L] or None);
+        unchanged without a gate."""
+        if self.gate is None:
+            return behaviours
+        return self.gate(behaviours, own, scenario, self.scenario_embedding.weight, feedback)
+
+    def attention_packed(
+        self, behaviours: torch.Tensor, example: torch.Tensor, target: torch.Tensor, scenario_emb: torch.Tensor | None
+    ) -> torch.Tensor:
+        """α_j [N] of the packed behaviours [N, D] of rows `example` [N]: attention weights, or 1 (sum pooling)."""
+        if self.attention is None:
+            return behaviours.new_ones(behaviours.shape[0])
+        return self.attention.weights_packed(behaviours, example, target, self._attention_scenario(scenario_emb))
+
+    def interest_padded(
+        self,
+        behaviours: torch.Tensor,  # [C, L, D], zero at padded positions
+        mask: torch.Tensor,  # [C, L] bool, True on real behaviours
+        target: torch.Tensor,  # [B, D]
+        scenario_emb: torch.Tensor | None,  # [B, E]
+        context: torch.Tensor,  # [B] int64, each row's context
+    ) -> torch.Tensor:  # [B, D]
+        if self.attention is not None:
+            return self.attention(behaviours, target, mask, self._attention_scenario(scenario_emb), context)
+        return behaviours.sum(dim=1).index_select(0, context)
+
+    def forward(
+        self,
+        pooled: torch.Tensor,  # [B, U]
+        target: torch.Tensor,  # [B, D]
+        interest: torch.Tensor,  # [B, D]
+        dense: torch.Tensor,  # [B, Fd]
+        scenario: torch.Tensor,  # [B] int64, served scenario
+        scenario_emb: torch.Tensor | None,  # [B, E]
+    ) -> torch.Tensor:  # [B] logits
+        features = [pooled, target, interest, dense, *([scenario_emb] if self.parts.scenario_input else [])]
+        return self.tower(torch.cat(features, dim=-1), scenario_emb, scenario)
