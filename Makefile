@@ -10,7 +10,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 FBGEMM := $(if $(HAS_CUDA),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-prepare clean
+.PHONY: setup demo test test-fast bench-prepare clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests that train or spawn processes (marker `slow`): the loop to iterate with.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench-prepare: setup
 	$(BIN)/python benchmarks/bench_prepare.py

@@ -16,14 +16,20 @@ import ctypes
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages (tests.reference) come first
+    sys.path.insert(0, str(REPO))
+
 from msit_rec.fit_config import ModelConfig
 from msit_rec.modules import RankingHead, TargetAttention, lengths_to_mask
+from tests.reference import din_scores
 
 S, D, E = 5, 32, 8
 POOLED, DENSE = 20 * 16 + D, 2  # user/context features (and one more D), dense features
@@ -31,15 +37,11 @@ MODEL = ModelConfig(variant="msit", attention_hidden=[64, 32], tower_hidden=[512
 
 
 class NaiveAttention(TargetAttention):
-    """Baseline: the first layer applied to the materialised [B, L, 4D+E] concatenation."""
+    """Baseline: the first layer applied to the materialised [B, L, 4D+E] concatenation — the DIN formula of
+    tests/reference.py, the oracle tests/test_modules.py checks the fast attention against."""
 
     def scores(self, behaviours, rows, target, scenario_emb, context=None):
-        batch, length, dim = rows.shape
-        tt = target[:, None, :].expand(batch, length, dim)
-        e = scenario_emb[:, None, :].expand(batch, length, scenario_emb.shape[-1])
-        x = torch.cat([rows, tt, rows * tt, rows - tt, e], dim=-1)
-        hidden = self.first_activation(self.first(x).reshape(batch * length, -1))
-        return self.rest(hidden).reshape(batch, length)
+        return din_scores(self, rows, target, scenario_emb)
 
 
 class DenseStack(nn.Module):

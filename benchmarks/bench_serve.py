@@ -10,7 +10,10 @@ Measured for requests ranking 1, 64 and 512 candidates of one user (history L = 
 - `matmul_floor`: the matrix products of one request (benchmarks/matmul_floor.py), each timed alone: what no work
   outside the products can go below;
 - `load`: requests/s and latency with `--inflight` concurrent keep-alive clients in a second process for
-  `--seconds`, 64 candidates each (the server micro-batches concurrent requests).
+  `--seconds`, 64 candidates each (the server micro-batches concurrent requests);
+- `head_of_line`: 1-candidate requests alone, then while a client streams 10,000-candidate requests back to back
+  (p50/p99 of both, and of the large ones), under `--max_batch_rows` 512 (the default) and 4096: the large request
+  is scored in chunks of that many rows, so a small one waits for at most the chunk in progress.
 Target (issue 5): p99 of ranking 512 candidates in-process with the AOTI artifact on one core < 5 ms.
 
 Without `--run`, a small world is generated and prepared (configs/datasets/synthetic.yaml, L = 50) and the
@@ -43,6 +46,8 @@ sys.path.insert(0, str(REPO))
 CANDIDATES = (1, 64, 512)
 ITEM_FIELDS = ("item", "category", "brand", "price_bucket", "price")  # features a candidate carries (the rest: context)
 TARGET_P99_MS = 5.0
+HOL_LARGE = 10_000  # candidates of the large request of the head-of-line measurement (the default --max_candidates)
+HOL_BATCH_ROWS = (512, 4096)  # --max_batch_rows it is measured under: the default and a throughput-leaning setting
 
 
 # ---- data, run and artifacts ------------------------------------------------------------------------------------
@@ -50,7 +55,8 @@ TARGET_P99_MS = 5.0
 
 def train_run(root: Path, quick: bool) -> Path:
     from msit_rec.config import from_dict, load_config, read_yaml
-    from msit_rec.train.fit import FitConfig, fit
+    from msit_rec.fit_config import FitConfig
+    from msit_rec.train.fit import fit
     from pipelines.config import DatasetConfig
     from pipelines.prepare import prepare
     from pipelines.synthetic import generate
@@ -154,7 +160,7 @@ def eager_model(run: Path) -> Any:
     import torch
 
     from msit_rec.data.spec import DatasetMeta
-    from msit_rec.evaluate import load_model, read_run, resolve_checkpoint
+    from msit_rec.run_dir import load_model, read_run, resolve_checkpoint
 
     trained = read_run(run)
     meta = DatasetMeta.load(trained.data_dir)
@@ -204,10 +210,10 @@ def in_process(
     return results, floors
 
 
-def start_server(artifact: Path, backend: str) -> tuple[subprocess.Popen, int]:
+def start_server(artifact: Path, backend: str, *flags: str) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "msit_rec.cli", "serve", "--artifact", str(artifact), "--port", "0", "--threads", "1",
-         "--backend", backend, "--quiet"],
+         "--backend", backend, "--quiet", *flags],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
     line = process.stdout.readline()
@@ -240,7 +246,57 @@ def over_http(artifact: Path, backend: str, data_dir: Path, args: argparse.Names
     finally:
         process.terminate()
         process.wait(timeout=30)
+    results["head_of_line"] = head_of_line(artifact, backend, data_dir, args)
     return results
+
+
+def head_of_line(artifact: Path, backend: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Small-request latency alone and beside a large request, per `--max_batch_rows` setting (a server each)."""
+    small = json.dumps(rank_bodies(data_dir, 1, 1)[0]).encode()
+    large = json.dumps(rank_bodies(data_dir, HOL_LARGE, 1)[0]).encode()
+    results = {}
+    for rows in HOL_BATCH_ROWS:
+        process, port = start_server(artifact, backend, "--max_batch_rows", str(rows))
+        try:
+            results[str(rows)] = small_beside_large(port, small, large, args)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        result = results[str(rows)]
+        print(f"head-of-line {backend}, --max_batch_rows {rows}: 1 candidate p50/p99 {result['alone']['p50_ms']:.2f}/"
+              f"{result['alone']['p99_ms']:.2f} ms alone, {result['beside_large']['p50_ms']:.2f}/"
+              f"{result['beside_large']['p99_ms']:.2f} ms beside {HOL_LARGE} candidates "
+              f"(those take p50 {result['large']['p50_ms']:.0f} ms)", flush=True)
+    return results
+
+
+def small_beside_large(port: int, small: bytes, large: bytes, args: argparse.Namespace) -> dict[str, Any]:
+    """`small` timed alone, then while a second connection sends `large` back to back (one always in flight)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    alone = timed(lambda: post(connection, small), args.iters, args.warmup)
+    large_seconds: list[float] = []
+    started, stop = threading.Event(), threading.Event()
+
+    def stream() -> None:
+        streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while not stop.is_set():
+            start = time.perf_counter()
+            started.set()
+            post(streaming, large)
+            large_seconds.append(time.perf_counter() - start)
+        streaming.close()
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    started.wait()
+    try:
+        beside = timed(lambda: post(connection, small), args.iters, 0)
+    finally:
+        stop.set()
+        sender.join()
+    connection.close()
+    return {"large_candidates": HOL_LARGE, "alone": alone, "beside_large": beside, "large": percentiles(large_seconds),
+            "p99_ratio": beside["p99_ms"] / alone["p99_ms"]}
 
 
 def load_worker(port: int, bodies: list[bytes], inflight: int, seconds: float, out: Any) -> None:
@@ -302,6 +358,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"  load ({backend}, {load['inflight']} in flight, 64 cand): {load['requests_per_s']:.0f} req/s, "
                      f"p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
                      f"{load['server_requests_per_model_call']:.2f} requests per model call")
+        for batch_rows, hol in http_rows["head_of_line"].items():
+            lines.append(f"  head-of-line ({backend}, --max_batch_rows {batch_rows}): 1 cand p50/p99 "
+                         f"{hol['alone']['p50_ms']:.2f}/{hol['alone']['p99_ms']:.2f} ms alone, "
+                         f"{hol['beside_large']['p50_ms']:.2f}/{hol['beside_large']['p99_ms']:.2f} ms beside a "
+                         f"{hol['large_candidates']}-cand request (p99 ×{hol['p99_ratio']:.1f}; the large one "
+                         f"p50 {hol['large']['p50_ms']:.0f} ms)")
     floors = result["matmul_floor"]
     lines.append(f"{'matmul floor (alone)':<24}" + "".join(f"{floors[c]['floor_ms']:>26.3f}" for c in rows))
     target = result["target"]
@@ -335,7 +397,7 @@ def main() -> None:
         start = time.perf_counter()
         run = args.run or train_run(root, args.quick)
         print(f"run ready in {time.perf_counter() - start:.1f} s: {run}", flush=True)
-        from msit_rec.evaluate import read_run
+        from msit_rec.run_dir import read_run
 
         data_dir = read_run(run).data_dir
         artifacts = export_artifacts(run, root, args.quick)

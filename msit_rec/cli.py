@@ -8,18 +8,20 @@ The CLI is the composition root, so it is the one place in `msit_rec` that impor
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import yaml
 
+from msit_rec import __version__
 from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml, to_dict
-from msit_rec.errors import ConfigError, DataError, MsitError
+from msit_rec.errors import ConfigError, MsitError, TrainingError
+from msit_rec.host import is_launching_process
+from msit_rec.terminal import command_output
 
 
-def _add_common(parser: argparse.ArgumentParser, default_config: str) -> None:
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+def _add_common(parser: argparse.ArgumentParser, example_config: str) -> None:
+    parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example_config}")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -37,23 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msit-rec", description="Multi-scenario CTR ranking with scenario-conditioned interest transfer."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="write synthetic multi-scenario impression logs (Parquet)")
     _add_common(generate, "configs/generate/synthetic.yaml")
-    generate.add_argument("--out", required=True, type=Path, help="output directory (day=... partitions)")
+    generate.add_argument("--out", type=Path, help="output directory (day=... partitions); required unless --print_config")
 
     prepare = commands.add_parser("prepare", help="raw logs → leak-free training examples + dataset.json")
     _add_common(prepare, "configs/datasets/synthetic.yaml")
-    prepare.add_argument("--out", required=True, type=Path, help="output directory for the examples")
+    prepare.add_argument("--out", type=Path, help="output directory for the examples; required unless --print_config")
     prepare.add_argument("--source", help="raw log path (overrides source.path in the config)")
 
     fit = commands.add_parser("fit", help="train a model variant on prepared examples (1..N processes)")
-    fit.add_argument("--data", required=True, type=Path, help="prepared examples directory (with dataset.json)")
-    fit.add_argument("--model", default="configs/model/msit.yaml", help="model config (section `model`)")
-    fit.add_argument("--trainer", default="configs/trainer/cpu.yaml", help="trainer config (section `trainer`)")
-    fit.add_argument("--out", required=True, type=Path, help="run directory: checkpoints/, logs/, fit_config.yaml")
-    fit.add_argument("--resume", type=Path, help="checkpoint directory to continue from (e.g. RUN/checkpoints/last)")
+    fit.add_argument("--data", type=Path, help="prepared examples directory (with dataset.json); required to train")
+    fit.add_argument("--model", help="model config (section `model`), e.g. configs/model/din.yaml; default: msit with "
+                                     "the defaults of msit_rec/fit_config.py")
+    fit.add_argument("--trainer", help="trainer config (section `trainer`), e.g. configs/trainer/multiprocess.yaml; "
+                                       "default: one CPU process with the defaults of msit_rec/fit_config.py")
+    fit.add_argument("--out", type=Path, help="run directory: checkpoints/, logs/, fit_config.yaml; required to train")
+    fit.add_argument("--resume", type=Path,
+                     help="continue a run from its checkpoint directory, e.g. RUN/checkpoints/last.ckpt (same --data)")
+    fit.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out (kept aside until the new fit has finished, restored if it fails)")
     fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key, e.g. --set trainer.max_epochs=1 --set model.pooling=softmax")
     fit.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
@@ -80,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     compare.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_explain_command(commands)
     _add_export_command(commands)
     _add_serving_commands(commands)
     requests = commands.add_parser("requests", help="raw requests rebuilt from prepared examples (to try predict/serve)")
@@ -90,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     requests.add_argument("--quiet", action="store_true", help="no log lines")
     return parser
+
+
+def _add_explain_command(commands: argparse._SubParsersAction) -> None:
+    explain = commands.add_parser("explain", help="what each scenario's behaviours give the others: transfer by "
+                                                  "intervention, gate and attention statistics, top behaviours")
+    explain.add_argument("--run", required=True, type=Path, help="run directory of `msit-rec fit`")
+    explain.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint directory (default: best)")
+    explain.add_argument("--split", default="test", help="split to explain (default: test)")
+    explain.add_argument("--data", type=Path, help="examples directory (default: the run's training data)")
+    explain.add_argument("--out", required=True, type=Path,
+                         help="output directory: explain.json, report.md, heatmaps")
+    explain.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per cell (default: 200)")
+    explain.add_argument("--top", type=int, default=10,
+                         help="most attended behaviours listed per served scenario and feature (default: 10)")
+    explain.add_argument("--batch_size", type=int, default=8192, help="rows per scoring batch (default: 8192)")
+    explain.add_argument("--max_rows", type=int,
+                         help="explain a uniform sample of this many rows, the same every run (default: all)")
+    explain.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    explain.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
@@ -134,10 +162,21 @@ def _add_serving_commands(commands: argparse._SubParsersAction) -> None:
                        help="program to run: aoti package, torch.export program, or auto (aoti when present)")
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     serve.add_argument("--max_body_bytes", type=int, default=8 << 20, help="largest request body (default: 8 MiB)")
-    serve.add_argument("--max_batch_rows", type=int, default=4096,
-                       help="rows of concurrent requests scored in one model call (default: 4096)")
+    serve.add_argument("--max_candidates", type=int, default=10_000,
+                       help="candidates of one /rank request; more are answered 413 (default: 10000)")
+    serve.add_argument("--max_history", type=int, default=1_000,
+                       help="behaviours of one history; more are answered 413 (default: 1000)")
+    serve.add_argument("--max_json_depth", type=int, default=64,
+                       help="nesting depth of a request body; deeper is answered 400 (default: 64)")
+    serve.add_argument("--max_batch_rows", type=int, default=512,
+                       help="rows of one model call: concurrent requests share it, a larger request is scored in "
+                            "chunks of this many rows between others' (default: 512)")
     serve.add_argument("--batch_wait_ms", type=float, default=0.0,
                        help="how long a model call waits for more concurrent requests (default: 0)")
+    serve.add_argument("--read_timeout_s", type=float, default=30.0,
+                       help="close a connection silent this long, mid-request or between requests (default: 30)")
+    serve.add_argument("--max_connections", type=int, default=64,
+                       help="open connections (a thread each); more are answered 503 (default: 64)")
     serve.add_argument("--quiet", action="store_true", help="no request log")
 
 
@@ -152,6 +191,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.print_config:
         _print_config("generate", config)
         return
+    _require(args, "out")
     summary = generate(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
     print(summary.table())
     print(f"raw logs written to {args.out}")
@@ -166,23 +206,29 @@ def run_prepare(args: argparse.Namespace) -> None:
     if args.print_config:
         _print_config("dataset", config)
         return
+    _require(args, "out")
     meta = prepare(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
     print(meta.summary_table())
     print(f"examples written to {args.out} (dataset.json, train/ valid/ test/, vocab/)")
 
 
 def run_fit(args: argparse.Namespace) -> None:
-    from msit_rec.train.fit import FitConfig, fit
+    from msit_rec.fit_config import FitConfig
+    from msit_rec.train.fit import fit
 
-    data = {name: _section(read_yaml(path), name, path) for name, path in (("model", args.model), ("trainer", args.trainer))}
+    data = {
+        name: _section(read_yaml(path), name, path) if path is not None else {}
+        for name, path in (("model", args.model), ("trainer", args.trainer))
+    }
     config = from_dict(FitConfig, apply_overrides(data, args.overrides), "fit")
     if args.quiet:
         config.trainer.progress_bar = False
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return
-    result = fit(config, args.data, args.out, resume=args.resume)
-    if result.global_rank != 0:
+    _require(args, "data", "out")
+    result = fit(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    if not is_launching_process():  # the other ranks return the same result: report it once
         return
     if result.best_val_auc is not None:
         print(f"best validation AUC {result.best_val_auc:.5f}")
@@ -190,9 +236,10 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from msit_rec.evaluate import evaluate_runs, write_evaluation
+    from msit_rec.evaluate import check_output_dir, evaluate_runs, write_evaluation
     from msit_rec.report import metrics_table
 
+    check_output_dir(args.out, args.overwrite, [*args.runs, *([args.data] if args.data else [])])
     evaluation = evaluate_runs(
         args.runs, args.checkpoint, args.split, data_dir=args.data, batch_size=args.batch_size, progress=not args.quiet
     )
@@ -210,6 +257,19 @@ def run_compare(args: argparse.Namespace) -> None:
     )
     print(difference_table(comparison))
     print(f"comparison written to {args.out}: {', '.join(path.name for path in written)}")
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    from msit_rec.explain import explain
+    from msit_rec.explain_report import transfer_table
+
+    explanation, written = explain(
+        args.run, args.out, checkpoint=args.checkpoint, split=args.split, data_dir=args.data,
+        resamples=args.resamples, top=args.top, batch_size=args.batch_size, max_rows=args.max_rows,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(transfer_table(explanation))
+    print(f"explanation written to {args.out}: {', '.join(path.name for path in written)}")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -247,8 +307,13 @@ def run_serve(args: argparse.Namespace) -> None:
     tune_glibc_malloc()
     artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
     config = ServeConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-                         max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
+                         max_candidates=args.max_candidates, max_history=args.max_history,
+                         max_json_depth=args.max_json_depth, max_batch_rows=args.max_batch_rows,
+                         batch_wait_ms=args.batch_wait_ms, read_timeout_s=args.read_timeout_s,
+                         max_connections=args.max_connections)
     server = RankingServer(artifact, config)
+    if server.unauthenticated_warning:
+        print(server.unauthenticated_warning, file=sys.stderr, flush=True)
     print(f"serving {args.artifact} ({artifact.backend}) on {server.url} — POST /rank, GET /health, GET /metrics",
           flush=True)
     server.serve_forever()
@@ -256,13 +321,21 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 def run_requests(args: argparse.Namespace) -> None:
+    from msit_rec.outputs import check_no_overlap, check_replaceable_file
     from pipelines.requests import requests_from_examples, write_requests
 
-    if args.out.exists() and not args.overwrite:
-        raise DataError(f"{args.out} exists; pass --overwrite to replace it")
+    check_no_overlap(args.data, args.out, source_flag="--data")
+    check_replaceable_file(args.out, args.overwrite)  # refuse before the work; write_requests checks again
     requests = requests_from_examples(args.data, args.split, args.rows)
-    out = write_requests(requests, args.out)
+    out = write_requests(requests, args.out, overwrite=args.overwrite)
     print(f"{len(requests)} raw requests from {args.data} ({args.split}) written to {out}")
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    """Flags needed to run the command but not to print its config."""
+    missing = [f"--{name}" for name in names if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"{args.command}: {', '.join(missing)} required (only --print_config runs without)")
 
 
 def _section(content: dict, name: str, path: str) -> dict:
@@ -274,22 +347,20 @@ def _section(content: dict, name: str, path: str) -> dict:
 COMMANDS = {
     "generate": run_generate, "prepare": run_prepare, "fit": run_fit, "evaluate": run_evaluate, "compare": run_compare,
     "export": run_export, "predict": run_predict, "serve": run_serve, "requests": run_requests,
+    "explain": run_explain,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    try:
-        COMMANDS[args.command](args)
-    except MsitError as exc:
-        print(f"msit-rec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    trains = args.command == "fit" and not args.print_config
+    with command_output(quiet=args.quiet, lightning=trains):  # one line per message; launched ranks: errors only
+        try:
+            COMMANDS[args.command](args)
+        except MsitError as exc:
+            if not isinstance(exc, TrainingError) or is_launching_process():  # every rank raises a TrainingError
+                print(f"msit-rec {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

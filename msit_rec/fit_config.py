@@ -41,7 +41,9 @@ class VariantParts:
     @property
     def uses_scenario(self) -> bool:
         """Whether the served scenario's embedding is read at all (`shared` and `din` never read it)."""
-        return any((self.behaviour_gate, self.attention_scenario, self.scenario_input, self.input_gate, self.star))
+        parts = (self.behaviour_gate, self.attention_scenario, self.scenario_input, self.input_gate, self.hidden_gates,
+                 self.star)
+        return any(parts)
 
 
 VARIANTS: dict[str, VariantParts] = {

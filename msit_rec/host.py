@@ -30,10 +30,15 @@ def tune_glibc_malloc() -> bool:
     return True
 
 
+# what torchrun, Lightning's launcher, Slurm (srun), Open MPI and MPICH/Intel MPI set in every rank they start
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def is_launching_process() -> bool:
     """True in the process the user started; False in the ranks that Lightning's launcher or torchrun started.
 
-    Checks on the output directory and user-facing error lines belong to this process only: the other ranks run
-    the same command again once it has created the run directory.
+    Checks on the output directory and user-facing error lines belong to this process only (rank 0 of the job):
+    the other ranks run the same command, started by Lightning after this process's checks or by a cluster launcher
+    at the same time, and must not judge the run directory rank 0 is creating.
     """
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from msit_rec.errors import DataError
 
-_TMP_TAG = ".tmp-"
-_OLD_TAG = ".old-"
+TMP_TAG = ".tmp-"  # a hidden sibling being written
+OLD_TAG = ".old-"  # a hidden sibling being replaced
 
 
 def check_no_overlap(source: str | Path, out: str | Path, source_flag: str = "--source", out_flag: str = "--out") -> None:
@@ -52,6 +52,8 @@ def check_replaceable_dir(out_dir: str | Path, overwrite: bool, entries: Iterabl
         return
     if not out_dir.is_dir():
         raise DataError(f"{flag} {out_dir}: exists and is not a directory")
+    if os.path.ismount(out_dir):  # cannot be renamed: the swap at the end would fail after all the work
+        raise DataError(f"{flag} {out_dir}: is a mount point; give a directory inside it")
     if not any(out_dir.iterdir()):
         return
     foreign = _foreign_entries(out_dir, entries)
@@ -75,7 +77,7 @@ def staged_dir(out_dir: str | Path, overwrite: bool, entries: Iterable[str], fla
     entries = list(entries)
     check_replaceable_dir(out_dir, overwrite, entries, flag)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling(out_dir, _TMP_TAG)
+    tmp = sibling(out_dir, TMP_TAG)
     tmp.mkdir()
     try:
         yield tmp
@@ -90,7 +92,7 @@ def replace_dir(new: Path, target: Path) -> None:
     """Move the complete directory `new` to `target`; a previous `target` is removed only after the move."""
     old = None
     if target.exists():
-        old = sibling(target, _OLD_TAG)
+        old = sibling(target, OLD_TAG)
         target.rename(old)
     try:
         new.rename(target)
@@ -116,7 +118,8 @@ def staged_file(out_path: str | Path, overwrite: bool, flag: str = "--out") -> I
     out_path = Path(out_path)
     check_replaceable_file(out_path, overwrite, flag)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}{out_path.suffix}"
+    tmp = sibling(out_path, TMP_TAG)
+    tmp = tmp.with_name(tmp.name + out_path.suffix)  # the same suffix: writers choose the format by it
     try:
         yield tmp
         check_replaceable_file(out_path, overwrite, flag)

@@ -23,7 +23,7 @@ from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.fit_config import FitConfig, ModelConfig, TrainerConfig
 from msit_rec.model import RankingModel
-from msit_rec.outputs import sibling
+from msit_rec.outputs import staged_file
 from msit_rec.train.checkpoint import check_checkpoint_dir, check_state_matches, load_unsharded_state_dict
 
 FIT_CONFIG_FILE = "fit_config.yaml"
@@ -72,9 +72,8 @@ class TrainedRun:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = sibling(path, ".tmp-")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with staged_file(path, overwrite=True) as tmp:
+        tmp.write_text(text)
 
 
 def write_run_record(run_dir: Path, data_dir: Path, dataset_hash: str, config: FitConfig) -> None:

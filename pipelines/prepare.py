@@ -43,11 +43,11 @@ from msit_rec.data.spec import (
     SplitStats,
 )
 from msit_rec.errors import DataError
-from msit_rec.outputs import check_no_overlap, staged_dir
+from msit_rec.outputs import staged_dir
 from pipelines.config import FEEDBACK_FROM_LABEL, FEEDBACK_TABLE, CategoricalFeature, DatasetConfig
 from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder
 from pipelines.history import HIST_HI, HIST_LO, HistoryEvents, index_histories, precomputed_lists
-from pipelines.source import read_source, source_root
+from pipelines.source import check_output_outside_source, read_source
 from pipelines.split import SPLIT, assign_splits
 from pipelines.validate import (
     LABEL,
@@ -107,7 +107,7 @@ def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, 
     leaves an earlier output exactly as it was.
     """
     out_dir = Path(out_dir)
-    check_no_overlap(source_root(config.source.path), out_dir, source_flag="source")
+    check_output_outside_source(config.source.path, out_dir)
     with staged_dir(out_dir, overwrite, OUTPUT_ENTRIES) as staging:
         meta = _prepare_into(config, staging, progress)
     if meta.rejects_file is not None:

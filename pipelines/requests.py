@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from msit_rec.data.spec import BEHAVIOUR_SCENARIO, OOV_INDEX, DatasetMeta, FeatureSpec
+from msit_rec.data.spec import BEHAVIOUR_FEEDBACK, BEHAVIOUR_SCENARIO, OOV_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.outputs import staged_file
 
@@ -24,9 +24,10 @@ UNKNOWN_ID = "<oov>"  # raw user/item id standing for an out-of-vocabulary one (
 
 
 def _inverse_vocabularies(meta: DatasetMeta, root: Path) -> dict[str, dict[int, Any]]:
-    """feature name → {index: raw value} for every vocab-encoded sparse feature."""
+    """feature name → {index: raw value} for every vocab-encoded sparse feature and the behaviours' feedback."""
     inverse = {}
-    for spec in meta.features_of_kind("sparse"):
+    feedback = [meta.behaviour_feedback] if meta.behaviour_feedback is not None else []
+    for spec in [*meta.features_of_kind("sparse"), *feedback]:
         if spec.vocabulary is not None:
             vocab = pl.read_parquet(root / spec.vocabulary, columns=["raw", "index"])
             inverse[spec.name] = dict(zip(vocab["index"].to_list(), vocab["raw"].to_list(), strict=True))
@@ -56,8 +57,9 @@ def decode_examples(meta: DatasetMeta, root: Path, frame: pl.DataFrame) -> list[
         return UNKNOWN_ID if value is None and spec.source in required else value
 
     sparse = meta.features_of_kind("sparse")
-    behaviour_fields = [  # (sequence column, raw field, its sparse feature) — hist_scenario aside
-        (spec.name, meta.feature(spec.source).source, meta.feature(spec.source))
+    behaviour_fields = [  # (sequence column, raw field, the feature whose vocabulary decodes it) — scenario aside
+        (spec.name, spec.source, spec) if spec.role == BEHAVIOUR_FEEDBACK
+        else (spec.name, meta.feature(spec.source).source, meta.feature(spec.source))
         for spec in meta.features_of_kind("sequence") if spec.role != BEHAVIOUR_SCENARIO
     ]
     scenario_field = meta.features_of_kind("scenario")[0].source

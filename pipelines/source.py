@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 from pathlib import Path
 
@@ -10,22 +11,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msit_rec.errors import DataError
+from msit_rec.outputs import check_no_overlap
 from pipelines.adapters import ADAPTERS
 from pipelines.config import SourceConfig
 
 GLOB_CHARS = "*?["
 
 
-def source_root(path: str | Path) -> Path:
-    """The concrete path a source names: the path itself, or for a glob the folder above its first wildcard.
-
-    Everything the source can read lies under it, so an output that does not overlap it cannot touch the input.
-    """
-    parts = Path(path).parts
-    for i, part in enumerate(parts):
-        if any(ch in part for ch in GLOB_CHARS):
-            return Path(*parts[:i]) if i else Path(".")
-    return Path(path)
+def check_output_outside_source(path: str | Path, out: str | Path) -> None:
+    """DataError when `out` overlaps what the source reads: the path itself, or for a glob every folder holding a
+    file it matches — and any `out` whose own Parquet files the glob would match on the next run."""
+    text = str(path)
+    if not any(ch in text for ch in GLOB_CHARS):
+        check_no_overlap(path, out, source_flag="source")
+        return
+    for folder in sorted({f.parent for f in parquet_files(path)}):
+        check_no_overlap(folder, out, source_flag=f"source (files of {text} in)")
+    probe = str(Path(out).resolve() / "train" / "part-00000.parquet")
+    if fnmatch.fnmatch(probe, str(Path(text).absolute())):
+        raise DataError(f"--out {out} overlaps source {text}: the glob would match the examples written there; "
+                        f"choose an output the glob does not cover")
 
 
 def parquet_files(path: str | Path) -> list[Path]:

@@ -80,6 +80,23 @@ def movielens(shared_data: Path) -> pl.DataFrame:
     return read_movielens(source(shared_data / "ml-latest-small", "movielens")).collect()
 
 
+def test_movielens_popularity_shelves_come_from_the_early_period_only(shared_data: Path) -> None:
+    """head / torso / tail from rating counts of the earliest 80 % (by time), recomputed by hand: a movie's shelf
+    never depends on ratings after that period, and the rating column is passed through for feedback."""
+    config = source(shared_data / "ml-latest-small", "movielens")
+    config.options = {"scenario_by": "popularity"}
+    shelves = read_movielens(config).collect()
+    ratings = pl.read_csv(shared_data / "ml-latest-small" / "ratings.csv")
+    cutoff = ratings["timestamp"].quantile(0.8, interpolation="lower")
+    counts = (ratings.filter(pl.col("timestamp") <= cutoff).group_by("movieId").len()
+              .sort(["len", "movieId"], descending=[True, False]))
+    share = (counts["len"].cum_sum() / counts["len"].sum()).to_list()
+    expected = {m: "head" if s <= 1 / 3 else "torso" if s <= 2 / 3 else "tail" for m, s in zip(counts["movieId"], share)}
+    got = dict(zip(shelves["item_id"].to_list(), shelves["scenario"].to_list()))
+    assert all(got[m] == expected.get(m, "tail") for m in got)
+    assert shelves["rating"].to_list() == ratings["rating"].to_list()
+
+
 def test_movielens_contract_and_row_count(movielens: pl.DataFrame, shared_data: Path) -> None:
     check_contract(movielens, pl.String)
     ratings = csv_rows(shared_data / "ml-latest-small" / "ratings.csv")

@@ -106,6 +106,7 @@ def test_bad_dataset_config_names_the_key(tmp_path: Path, yaml_text: str, messag
         load_config(path, DatasetConfig, section="dataset")
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "ds.yaml"
     path.write_text("dataset:\n  name: x\n  source: {path: p}\n  colums: {}\n")

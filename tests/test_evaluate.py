@@ -23,32 +23,23 @@ from sklearn.metrics import roc_auc_score
 
 from msit_rec.cli import main
 from msit_rec.compare import compare
-from msit_rec.config import from_dict, to_dict
+from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.evaluate import evaluate_runs, write_evaluation
-from msit_rec.fit_config import FitConfig
 from msit_rec.metrics import ScoredRows, compute_metrics
 from msit_rec.metrics_file import load_metrics
 from msit_rec.report import write_report
 from msit_rec.train.fit import fit
 from tests.evaluate_worker import SYNTHETIC_SCENARIOS, synthetic_share
-from tests.test_strategy import LAUNCH_ENV, in_process_launch_env  # noqa: F401 (autouse fixture)
+from tests.launch import LAUNCH_ENV
+from tests.training_worker import tiny_fit_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_launch_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "evaluate_worker.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_fit_config(variant: str) -> FitConfig:
-    """A few steps of a tiny tower; validation on the whole valid split, so its AUC is an oracle for `evaluate`."""
-    return from_dict(FitConfig, {
-        "model": {"variant": variant, "attention_hidden": [8], "tower_hidden": [16]},
-        "trainer": {"batch_size": 256, "eval_batch_size": 8192, "max_epochs": 1, "limit_train_batches": 12,
-                    "limit_val_batches": 1.0, "progress_bar": False},
-    }, "fit")
 
 
 @pytest.fixture(scope="module")

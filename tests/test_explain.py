@@ -35,10 +35,10 @@ from msit_rec.explain import (
 )
 from msit_rec.explain_report import ATTENTION_PLOT, GATE_PLOT
 from msit_rec.train.fit import fit
-from tests.test_model import model as random_model
-from tests.test_strategy import in_process_launch_env  # noqa: F401 (autouse fixture: fit leaves launch env behind)
-from tests.test_training import SAME_BUDGET, transfer_examples  # noqa: F401 (fixture)
-from tests.training_worker import fit_config
+from tests.random_model import random_model
+from tests.training_worker import SAME_BUDGET, fit_config
+
+pytestmark = pytest.mark.usefixtures("in_process_launch_env")  # fit leaves launch env behind
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -152,7 +152,7 @@ def matrix(explanation: Explanation, value: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_intervention_matrix_finds_the_planted_transfer(transfer_examples: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_intervention_matrix_finds_the_planted_transfer(transfer_examples: Path, tmp_path: Path) -> None:
     """msit: the 5 planted (served, source) pairs lose the most AUC, each with an interval above 0; no unplanted pair
     has an interval above 0, and none moves the AUC by a tenth of the smallest planted loss either way.
 
@@ -198,7 +198,7 @@ def test_intervention_matrix_finds_the_planted_transfer(transfer_examples: Path,
 
 
 @pytest.mark.slow
-def test_cli_explains_a_sample_of_rows(transfer_examples: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_cli_explains_a_sample_of_rows(transfer_examples: Path, tmp_path: Path, capsys) -> None:
     """`msit-rec explain` end to end on a small run: the files, the version, the sample size, one-line errors."""
     run = tmp_path / "run"
     fit(fit_config("msit", ("trainer.max_epochs=1", "trainer.limit_train_batches=20")), transfer_examples, run)

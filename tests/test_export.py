@@ -34,7 +34,9 @@ from msit_rec.fit_config import VARIANTS, ModelConfig, SequencePath
 from msit_rec.model import RankingModel
 from msit_rec.serving.artifact import verify_files
 from msit_rec.serving.contract import AOTI_FILE, PROGRAM_FILE, Manifest
-from tests.test_strategy import LAUNCH_ENV, in_process_launch_env  # noqa: F401 (autouse fixture)
+from tests.launch import LAUNCH_ENV
+
+pytestmark = pytest.mark.usefixtures("in_process_launch_env")
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -183,7 +185,7 @@ def test_precision_specs() -> None:
 
 
 @pytest.fixture(scope="module")
-def run(small_examples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(small_examples: Path, tmp_path_factory: pytest.TempPathFactory, slow_setup: None) -> Path:
     """A tiny msit run trained by 2 gloo processes: its checkpoints hold each rank's table shards, so every export
     below starts from a sharded checkpoint and unshards it in one process."""
     out = tmp_path_factory.mktemp("export_run") / "msit"

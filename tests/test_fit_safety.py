@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -29,10 +30,11 @@ from msit_rec.train.checkpoint import (
     load_unsharded_checkpoint,
     recover_interrupted_swap,
 )
-from tests.test_strategy import LAUNCH_ENV, flat_tensors, in_process_launch_env  # noqa: F401 (autouse fixture)
+from tests.checkpoints import flat_tensors
+from tests.launch import LAUNCH_ENV
 from tests.training_worker import SMALL_RUN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_launch_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [arg for override in SMALL_RUN for arg in ("--set", override)]
@@ -202,6 +204,19 @@ def test_trainer_state_never_runs_code(finished_run, small_examples, tmp_path, c
     rewrite_record(ckpt)
     line = refused(capsys, resume_args(small_examples, run, ckpt))
     assert "not loadable as plain data" in line
+    assert not marker.exists()
+
+
+def test_dcp_metadata_never_runs_code(finished_run, small_examples, tmp_path, capsys, monkeypatch) -> None:
+    """DCP unpickles `.metadata` without restrictions: a forged one (with a matching record) must be refused first."""
+    run = copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoints/last.ckpt"
+    marker = tmp_path / "exploited"
+    monkeypatch.setenv("MSIT_EXPLOIT_MARKER", str(marker))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    rewrite_record(ckpt)
+    line = refused(capsys, resume_args(small_examples, run, ckpt))
+    assert ".metadata refused" in line and "not allowed" in line
     assert not marker.exists()
 
 

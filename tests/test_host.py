@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each probe is a fresh Python process
+
 PROBE = """
 import resource, sys
 import torch

@@ -229,6 +229,7 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(dataset_dir: Path, oracle_r
         assert_batch_matches_rows(batch, oracle_rows)
 
 
+@pytest.mark.slow  # DataLoader worker processes
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_two_workers_give_the_same_rows_and_batch_count(
     dataset_dir: Path, oracle_rows: list[dict], drop_last: bool

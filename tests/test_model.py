@@ -1,7 +1,7 @@
-"""The whole ranking model on real prepared batches: path parity, gradients, padding, scenario paths, bad configs.
+"""The whole ranking model on real prepared batches: path parity, lookups, gradients, padding, scenario paths, bad configs.
 
-Oracles: the other sequence path with the same weights, the set of ids a batch looks up, the same model with a
-longer padded length, permuted/sliced batches, and a stubbed gate. Models run unsharded on the CPU (tables as
+Oracles: the other sequence path with the same weights, table rows indexed by hand, the set of ids a batch looks up,
+the same model with more empty bags, permuted/sliced batches, and a stubbed gate. Models run unsharded on the CPU (tables as
 ordinary tensors); the sharded runs are in tests/test_training.py.
 """
 
@@ -28,10 +28,9 @@ from msit_rec.errors import ConfigError, MsitError
 from msit_rec.fit_config import VARIANTS, FitConfig, ModelConfig, SequencePath, TrainerConfig
 from msit_rec.model import RankingModel
 from msit_rec.train.fit import fit
+from tests.random_model import GATED, random_model
 
-CPU = torch.device("cpu")
 ROWS = 512
-GATED = "msit"  # the one variant with a behaviour gate
 UNGATED = sorted(set(VARIANTS) - {GATED})
 
 
@@ -55,18 +54,6 @@ def rows(small_examples: Path, meta: DatasetMeta) -> pa.Table:
 
 def to_batch(table: pa.Table, meta: DatasetMeta) -> Batch:
     return table_to_batch(table.combine_chunks(), BatchLayout.from_meta(meta))
-
-
-def model(meta: DatasetMeta, variant: str = GATED, seed: int = 0, **config) -> RankingModel:
-    """An unsharded model whose tables hold trained-like N(0, 0.5²) rows (TorchRec's initial rows are ~1e-2, so
-    behaviours would barely move the logits and every comparison here would be weak)."""
-    torch.manual_seed(seed)
-    net = RankingModel(meta, ModelConfig(variant=variant, tower_hidden=[32, 16], **config), device=CPU)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.startswith("embeddings."):
-                param.normal_(0.0, 0.5)
-    return net
 
 
 def logits(net: RankingModel, batch: Batch) -> torch.Tensor:
@@ -95,8 +82,8 @@ def collection_key(key: str) -> str:
 @pytest.mark.parametrize("variant", ["msit", "din", "shared"])
 def test_sequence_paths_give_the_same_logits_and_table_gradients(meta, rows, variant: str) -> None:
     batch = to_batch(rows, meta)
-    pooled = model(meta, variant, sequence_path=SequencePath.POOLED_BAGS)
-    collection = model(meta, variant, seed=1, sequence_path=SequencePath.EMBEDDING_COLLECTION)
+    pooled = random_model(meta, variant, sequence_path=SequencePath.POOLED_BAGS)
+    collection = random_model(meta, variant, seed=1, sequence_path=SequencePath.EMBEDDING_COLLECTION)
     before = logits(collection, batch)
     # strict load: the state dicts differ in exactly these key names, nothing else
     collection.load_state_dict({collection_key(k): v for k, v in pooled.state_dict().items()})
@@ -133,7 +120,7 @@ def looked_up_ids(batch: Batch, meta: DatasetMeta) -> dict[str, set[int]]:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_gradients_reach_every_table_row_used_and_every_dense_layer(meta, rows, variant: str) -> None:
     batch = to_batch(rows, meta)
-    net = model(meta, variant).train()
+    net = random_model(meta, variant).train()
     F.binary_cross_entropy_with_logits(net(batch), batch.label).backward()
     used = looked_up_ids(batch, meta)
     tables = 0
@@ -152,22 +139,62 @@ def test_gradients_reach_every_table_row_used_and_every_dense_layer(meta, rows, 
 # ---- padding and row independence ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", list(SequencePath))
-@pytest.mark.parametrize("pooling", ["sum", "softmax"])
-def test_longer_padding_does_not_change_logits(meta, rows, path: SequencePath, pooling: str) -> None:
-    """The same weights with 13 more padded positions per history give the same logits (the mask holds)."""
+def table_weight(module: torch.nn.Module, table: str) -> torch.Tensor:
+    """The weight of `table` in a TorchRec EmbeddingBagCollection or EmbeddingCollection."""
+    return next(p for name, p in module.named_parameters() if name.split(".")[-2] == table)
+
+
+def summed_rows(weight: torch.Tensor, jagged) -> torch.Tensor:
+    """Row b: the sum of `weight`'s rows at the ids of example b (a pooled lookup by hand)."""
+    example = torch.repeat_interleave(torch.arange(jagged.lengths().numel()), jagged.lengths())
+    out = weight.new_zeros(jagged.lengths().numel(), weight.shape[1])
+    return out.index_add_(0, example, weight[jagged.values()])
+
+
+@pytest.mark.parametrize("path", list(SequencePath), ids=lambda p: p.value)
+def test_each_sequence_path_looks_up_the_rows_of_the_batch_ids(meta, rows, path: SequencePath) -> None:
+    """pooled [B, U], target [B, D] and the N real behaviours [N, D] equal the table rows at the batch's ids, indexed
+    by hand (the target's and the behaviours' slots concatenated in slot order, item then category)."""
     batch = to_batch(rows, meta)
-    short = model(meta, sequence_path=path, pooling=pooling)
+    net = random_model(meta, sequence_path=path)
+    with torch.no_grad():
+        pooled, target, behaviours = net.embeddings(batch.sparse, batch.sequence, batch.hist_len)
+    sparse, sequence = batch.sparse.to_dict(), batch.sequence.to_dict()
+    layout, tables = net.embeddings.layout, net.embeddings.sequences
+    expected_target = torch.cat([summed_rows(table_weight(tables, slot.table), sparse[slot.target])
+                                 for slot in layout.slots], dim=1)
+    expected_behaviours = torch.cat([table_weight(tables, slot.table)[sequence[slot.sequence].values()]
+                                     for slot in layout.slots], dim=1)
+    expected_pooled = torch.cat([summed_rows(table_weight(net.embeddings.bags, meta.feature(name).table or name),
+                                             sparse[name]) for name in layout.bag_features], dim=1)
+    assert behaviours.shape == (int(batch.hist_len.sum()), layout.sequence_dim) and len(layout.slots) == 2
+    torch.testing.assert_close(target, expected_target, rtol=0, atol=0)
+    torch.testing.assert_close(behaviours, expected_behaviours, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "softmax"])
+def test_more_empty_bags_do_not_change_logits(meta, rows, pooling: str) -> None:
+    """`pooled_bags` looks up a fixed B·(L+1) bags whatever the batch holds (targets, real behaviours, then empty
+    bags, so every rank of a sharded table sees the same batch size). The same weights with a max_len 13 longer look
+    up 13·B more empty bags and give the same logits. (`embedding_collection` reads no max_len: nothing to vary.)"""
+    batch = to_batch(rows, meta)
+    path = SequencePath.POOLED_BAGS
+    short = random_model(meta, sequence_path=path, pooling=pooling)
     longer_meta = dataclasses.replace(meta, history=dataclasses.replace(meta.history, max_len=meta.history.max_len + 13))
-    longer = model(longer_meta, seed=1, sequence_path=path, pooling=pooling)
+    longer = random_model(longer_meta, seed=1, sequence_path=path, pooling=pooling)
     longer.load_state_dict(short.state_dict())
+    bags: dict[str, int] = {}
+    for name, net in (("short", short), ("longer", longer)):
+        net.embeddings.sequences.register_forward_pre_hook(lambda _, args, name=name: bags.update({name: args[0].stride()}))
     torch.testing.assert_close(logits(longer, batch), logits(short, batch), rtol=1e-5, atol=1e-6)
+    assert bags == {"short": ROWS * (meta.history.max_len + 1), "longer": ROWS * (meta.history.max_len + 14)}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_rows_are_scored_independently_of_their_batch(meta, rows, variant: str) -> None:
     """Permuting rows permutes logits; a row scores the same alone, among others, and next to padding rows."""
-    net = model(meta, variant)
+    net = random_model(meta, variant)
     full = logits(net, to_batch(rows, meta))
     permutation = np.random.default_rng(0).permutation(rows.num_rows)
     torch.testing.assert_close(logits(net, to_batch(rows.take(permutation), meta)), full[permutation])
@@ -190,13 +217,13 @@ def shifted_behaviour_scenarios(table: pa.Table, num_scenarios: int) -> pa.Table
 
 @pytest.mark.parametrize("variant", UNGATED)
 def test_behaviour_scenario_is_ignored_without_a_gate(meta, rows, variant: str) -> None:
-    net = model(meta, variant)
+    net = random_model(meta, variant)
     moved = shifted_behaviour_scenarios(rows, len(meta.scenarios))
     assert torch.equal(logits(net, to_batch(moved, meta)), logits(net, to_batch(rows, meta)))
 
 
 def test_behaviour_scenario_changes_msit_only_through_the_gate(meta, rows, monkeypatch) -> None:
-    net = model(meta, GATED)
+    net = random_model(meta, GATED)
     moved = shifted_behaviour_scenarios(rows, len(meta.scenarios))
     original, changed = logits(net, to_batch(rows, meta)), logits(net, to_batch(moved, meta))
     has_history = torch.from_numpy(np.asarray(rows["hist_len"]) > 0)
@@ -240,8 +267,8 @@ def test_shared_table_dim_mismatch_fails_fit_before_training(meta, tmp_path: Pat
 def test_embedding_collection_needs_equal_sequence_dims(meta, rows) -> None:
     narrow = with_features(meta, category={"embedding_dim": 8}, hist_cat={"embedding_dim": 8})
     with pytest.raises(ConfigError, match=r"embedding_collection.*\[8, 16\].*pooled_bags"):
-        model(narrow, sequence_path=SequencePath.EMBEDDING_COLLECTION)
-    out = logits(model(narrow, sequence_path=SequencePath.POOLED_BAGS), to_batch(rows, narrow))  # that path can
+        random_model(narrow, sequence_path=SequencePath.EMBEDDING_COLLECTION)
+    out = logits(random_model(narrow, sequence_path=SequencePath.POOLED_BAGS), to_batch(rows, narrow))  # that path can
     assert out.shape == (ROWS,) and torch.isfinite(out).all()
 
 
@@ -253,15 +280,15 @@ def test_more_devices_than_the_host_has_fails_fit_before_training(small_examples
 
 def test_gated_variant_on_a_dataset_without_behaviour_scenarios_is_a_config_error(meta) -> None:
     with pytest.raises(ConfigError, match="behaviour-scenario sequence"):
-        model(without_feature(meta, "hist_scenario"), GATED)
+        random_model(without_feature(meta, "hist_scenario"), GATED)
 
 
 def test_ungated_variant_needs_no_behaviour_scenarios(meta, rows) -> None:
     reduced = without_feature(meta, "hist_scenario")
-    out = logits(model(reduced, "din"), to_batch(rows, reduced))
-    torch.testing.assert_close(out, logits(model(meta, "din"), to_batch(rows, meta)))
+    out = logits(random_model(reduced, "din"), to_batch(rows, reduced))
+    torch.testing.assert_close(out, logits(random_model(meta, "din"), to_batch(rows, meta)))
 
 
 def test_dataset_without_scenario_feature_is_a_config_error(meta) -> None:
     with pytest.raises(ConfigError, match="scenario"):
-        model(without_feature(meta, "scenario"), "shared")
+        random_model(without_feature(meta, "scenario"), "shared")

@@ -17,6 +17,7 @@ from msit_rec.modules import (
     TargetAttention,
     lengths_to_mask,
 )
+from tests.reference import din_interest
 
 B, L, D, E, S = 6, 7, 8, 4, 3
 F_IN = 2 * D + D + D + E + 3  # [u, t, interest, e(s), dense] with a 2D-dim user vector and 3 dense features
@@ -41,6 +42,7 @@ def _inputs(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- oracles (independent of the library's tricks)
+# (target attention: `din_interest` of tests/reference.py, shared with benchmarks/bench_attention.py)
 
 
 def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None):
@@ -56,23 +58,6 @@ def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None):
             if feedback is not None:
                 logit = logit + gate.feedback_weight[k, int(sj[i, j]) * gate.feedback_values + int(feedback[i, j])]
             out[i, j] = torch.sigmoid(logit) * b[i, j]
-    return out
-
-
-def naive_attention(att: TargetAttention, b, t, mask, e):
-    """The concatenation formula of DIN, then pooling over each example's real positions one by one."""
-    batch, length, dim = b.shape
-    tt = t[:, None, :].expand(batch, length, dim)
-    parts = [b, tt, b * tt, b - tt]
-    if e is not None:
-        parts.append(e[:, None, :].expand(batch, length, e.shape[-1]))
-    hidden = att.first_activation(att.first(torch.cat(parts, dim=-1)).reshape(batch * length, -1))
-    scores = att.rest(hidden).reshape(batch, length)
-    out = torch.zeros(batch, dim, dtype=b.dtype)
-    for i in range(batch):
-        real = mask[i].nonzero().squeeze(1)
-        w = scores[i, real].softmax(0) if att.pooling == "softmax" else scores[i, real]
-        out[i] = (w[:, None] * b[i, real]).sum(0)
     return out
 
 
@@ -219,7 +204,7 @@ def test_fast_attention_equals_naive_concatenation(layout: str, pooling: str, sc
         behaviours, _, example = _packed(x)
         out = att.forward_packed(behaviours, example, x["target"], e)
     assert out.shape == (B, D)
-    torch.testing.assert_close(out, naive_attention(att, x["behaviours"], x["target"], x["mask"], e))
+    torch.testing.assert_close(out, din_interest(att, x["behaviours"], x["target"], x["mask"], e))
     assert torch.equal(out[0], torch.zeros(D, dtype=torch.float64))  # example 0 has no behaviours
 
 
@@ -232,7 +217,7 @@ def test_attention_over_shared_contexts_equals_naive_on_gathered_rows(pooling: s
     target = torch.randn(len(context), D, dtype=torch.float64)
     e = torch.randn(len(context), E, dtype=torch.float64)
     out = att(x["behaviours"], target, x["mask"], e, context)
-    expected = naive_attention(att, x["behaviours"][context], target, x["mask"][context], e)
+    expected = din_interest(att, x["behaviours"][context], target, x["mask"][context], e)
     torch.testing.assert_close(out, expected)
     assert torch.equal(out[1], torch.zeros(D, dtype=torch.float64))
 

@@ -83,7 +83,8 @@ def overlapping_outputs(tmp_path: Path, raw: Path) -> dict[str, tuple[str, Path]
         "symlink_equal": (str(raw), link),
         "symlink_inside": (str(raw), link / "examples"),
         "source_via_symlink": (str(link), raw / "day=1"),
-        "glob_parent": (str(raw / "day=*" / "*.parquet"), raw / "examples"),
+        "glob_folder": (str(raw / "day=*" / "*.parquet"), raw / "day=1"),  # a folder holding matched files
+        "glob_would_read_output": (str(raw / "**" / "*.parquet"), raw / "examples"),  # the next run would read it
         "file_parent": (str(raw / "day=1" / "part-0.parquet"), raw / "day=1"),
     }
 
@@ -104,10 +105,15 @@ def test_prepare_refuses_output_overlapping_the_source(
     assert not (hive_log / "examples").exists() and leftovers(tmp_path) == [] and leftovers(hive_log) == []
 
 
-def test_prepare_next_to_the_source_is_fine(tmp_path: Path, hive_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_next_to_the_source_is_fine(tmp_path: Path, hive_log: Path, capsys, monkeypatch) -> None:
     config = write_config(tmp_path / "ds.yaml", hive_log)
     code, _ = run_cli(capsys, "prepare", "--config", str(config), "--out", str(tmp_path / "raw-examples"), "--quiet")
     assert code == 0 and (tmp_path / "raw-examples" / "dataset.json").is_file()
+    # a relative glob in the working directory and an output beside the files it matches
+    monkeypatch.chdir(hive_log)
+    code, _ = run_cli(capsys, "prepare", "--config", str(config), "--source", "day=*/*.parquet",
+                      "--out", "examples", "--quiet")
+    assert code == 0 and (hive_log / "examples" / "dataset.json").is_file()
 
 
 def test_failed_prepare_with_overwrite_keeps_the_previous_output(

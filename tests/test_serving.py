@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msit_rec.data.spec import OOV_INDEX, DatasetMeta, FeatureSpec
+from msit_rec.data.spec import OOV_INDEX, FeatureSpec
 from msit_rec.errors import DataError
 from msit_rec.export.inputs import input_schema
 from msit_rec.serving.contract import InputSchema
@@ -33,9 +33,9 @@ from msit_rec.serving.request import RequestError, arrow_rows, rank_request_rows
 from msit_rec.serving.vocabulary import Vocabulary
 from pipelines.config import CategoricalFeature
 from pipelines.encode import apply_map, fit_encoder
+from tests.rank_requests import UNKNOWN_ID, call, rank_body
 
 REPO = Path(__file__).resolve().parents[1]
-UNKNOWN_ID = 10**12  # larger than any raw id of the synthetic data: a raw id no vocabulary holds
 
 
 def test_int_and_text_vocabularies_cast_like_prepare(tmp_path: Path) -> None:
@@ -77,48 +77,7 @@ def test_hash_encoding_matches_prepare() -> None:
     assert IdEncoder(spec, None).encode(np.array([5, 17])).tolist() == expected[:2]
 
 
-# ---- the prepared test split, decoded back to raw requests ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def decoded(small_examples: Path) -> dict[str, Any]:
-    """Raw JSON rows for every test example (inverse vocabularies; OOV → unknown or null; a few odd spellings),
-    the prepared frame they came from, and rows whose histories got extra older behaviours (must be cut)."""
-    meta = DatasetMeta.load(small_examples)
-    frame = pl.concat([pl.read_parquet(small_examples / f) for f in meta.splits["test"].files])
-    inverse = {}
-    for spec in meta.features_of_kind("sparse"):
-        vocab = pl.read_parquet(small_examples / spec.vocabulary)
-        inverse[spec.name] = dict(zip(vocab["index"].to_list(), vocab["raw"].to_list()))
-    columns = meta.config["columns"]
-    required = {columns["user"], columns["item"]}
-
-    def raw_id(feature: str, index: int, row: int) -> Any:
-        spec = meta.feature(feature)
-        if index == OOV_INDEX:
-            return UNKNOWN_ID + row if spec.source in required or row % 2 else None
-        value = inverse[feature][index]
-        return str(value) if row % 3 == 0 and feature == "brand" else value  # "123" for an int vocabulary
-
-    def behaviour(item: int, cat: int, scenario: int, row: int) -> dict[str, Any]:
-        return {"item_id": raw_id("item", item, row), "item_cat": raw_id("category", cat, row),
-                "scenario": meta.scenarios[scenario]}
-
-    max_len = meta.history.max_len
-    records, extended = [], []
-    for row, example in enumerate(frame.iter_rows(named=True)):
-        record = {meta.feature(f.name).source: raw_id(f.name, example[f.name], row) for f in meta.features_of_kind("sparse")}
-        for spec in meta.features_of_kind("dense"):
-            stats = meta.numeric_stats[spec.name]
-            record[spec.source] = float(example[spec.name]) * stats.std + stats.mean
-        record["scenario"] = meta.scenarios[example["scenario"]]
-        record["history"] = [behaviour(i, c, s, row) for i, c, s in
-                             zip(example["hist_item"], example["hist_cat"], example["hist_scenario"])]
-        if example["hist_len"] == max_len and row % 2 == 0:  # older behaviours beyond max_len: dropped by encoding
-            record["history"] = [behaviour(2, 2, 0, row), behaviour(3, 2, 1, row)] + record["history"]
-            extended.append(row)
-        records.append(record)
-    return {"meta": meta, "frame": frame, "records": records, "extended": extended, "root": small_examples}
+# ---- the prepared test split, decoded back to raw requests (`decoded`: tests/conftest.py) ----------------------
 
 
 def prepared_inputs(frame: pl.DataFrame, schema: InputSchema) -> dict[str, np.ndarray]:
@@ -204,18 +163,6 @@ BAD_REQUESTS = [  # (change to a valid /rank body, the field path the message mu
 ]
 
 
-def rank_body(decoded: dict, row: int, candidates: int) -> dict[str, Any]:
-    record = decoded["records"][row]
-    items = ("item_id", "item_cat", "brand", "price_bucket", "price")
-    others = decoded["records"][row + 1 : row + 1 + candidates]
-    return {
-        "scenario": record["scenario"],
-        "context": {k: v for k, v in record.items() if k not in items and k not in ("scenario", "history")},
-        "history": [{"item_id": 5, "item_cat": 3, "scenario": s} for s in ("home", "new")] + [dict(b) for b in record["history"]],
-        "candidates": [{k: r[k] for k in items} for r in others],
-    }
-
-
 @pytest.mark.parametrize("change,message", BAD_REQUESTS, ids=[m.split(":")[0] for _, m in BAD_REQUESTS])
 def test_bad_rank_requests_name_the_field(decoded: dict, change, message: str) -> None:
     meta = decoded["meta"]
@@ -228,36 +175,7 @@ def test_bad_rank_requests_name_the_field(decoded: dict, change, message: str) -
     assert str(caught.value).startswith(message)
 
 
-# ---- with a trained run and its fp32 artifact ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def exported(decoded: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny trained msit run, its fp32 artifact, and the eager model's logits on every test row (file order)."""
-    from msit_rec.data.loader import ExamplesDataset, make_loader
-    from msit_rec.evaluate import load_model, read_run, resolve_checkpoint
-    from msit_rec.export import export_run
-    from msit_rec.train.fit import fit
-    from tests.test_evaluate import tiny_fit_config
-
-    root = tmp_path_factory.mktemp("serving")
-    fit(tiny_fit_config("msit"), decoded["root"], root / "run")
-    export_run(root / "run", root / "artifact", progress=False)
-    run = read_run(root / "run")
-    model = load_model(run, resolve_checkpoint(run, "best"), decoded["meta"], torch.device("cpu"))
-    logits = np.zeros(len(decoded["frame"]), dtype=np.float32)
-    with torch.no_grad():
-        for batch in make_loader(ExamplesDataset(decoded["root"], "test", 4096)):
-            real = batch.weight > 0
-            logits[batch.row_index[real].numpy()] = model(batch)[real].numpy()
-    return {"artifact": root / "artifact", "eager_logits": logits, "root": root}
-
-
-@pytest.fixture(scope="module")
-def artifact(exported: dict):
-    from msit_rec.serving.artifact import load_artifact
-
-    return load_artifact(exported["artifact"], backend="export")
+# ---- with a trained run and its fp32 artifact (`exported`, `artifact`: tests/conftest.py) ------------------------
 
 
 def test_predict_scores_equal_the_eager_model(decoded: dict, exported: dict, tmp_path: Path) -> None:
@@ -288,6 +206,24 @@ def test_predict_scores_equal_the_eager_model(decoded: dict, exported: dict, tmp
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     assert predict(tmp_path / "bad.jsonl", tmp_path / "bad_scored.jsonl", "--batch_size", "10") == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("bad_scored", "mixed"))) == []
+
+
+def test_a_failed_predict_leaves_the_previous_output_and_no_temporary_file(decoded: dict, exported: dict,
+                                                                           tmp_path: Path) -> None:
+    from msit_rec.cli import main
+
+    records = [dict(r, brand=None if r["brand"] is None else int(r["brand"])) for r in decoded["records"][:40]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    bad = [*records[:35], {**records[35], "scenario": "mars"}]  # fails in the fourth batch of ten
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    for suffix in (".jsonl", ".parquet"):
+        out = tmp_path / f"scored{suffix}"
+        predict = ["predict", "--artifact", str(exported["artifact"]), "--out", str(out), "--quiet", "--input"]
+        assert main([*predict, str(tmp_path / "rows.jsonl")]) == 0
+        (tmp_path / f"{out.name}.partial").write_text("a user's file")  # the name predict once wrote to
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        assert main([*predict, str(tmp_path / "bad.jsonl"), "--batch_size", "10", "--overwrite"]) == 2
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, suffix
 
 
 def test_requests_rebuilt_from_examples_score_like_the_examples(decoded: dict, exported: dict, tmp_path: Path) -> None:
@@ -377,17 +313,6 @@ def server(artifact):
     running = RankingServer(artifact, ServeConfig(port=0, max_body_bytes=200_000, max_batch_rows=256)).start()
     yield running
     running.shutdown()
-
-
-def call(server, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict]:
-    host, port = server.address
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    connection.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-    response = connection.getresponse()
-    payload = json.loads(response.read())
-    connection.close()
-    return response.status, payload
 
 
 def expected_scores(artifact, body: dict) -> list[float]:
@@ -490,3 +415,24 @@ def test_serve_cli_binds_loopback_prints_its_port_and_stops_on_sigterm(exported:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_encoder_reproduces_feedback_histories(feedback_examples: Path) -> None:
+    """Contract v2: each behaviour's feedback travels in the request as its raw field (here `label`) and encodes
+    back to the prepared hist_feedback ids, aligned with the other behaviour fields."""
+    from msit_rec.data.spec import DatasetMeta
+    from pipelines.requests import decode_examples
+
+    meta = DatasetMeta.load(feedback_examples)
+    frame = pl.concat([pl.read_parquet(feedback_examples / f) for f in meta.splits["test"].files]).head(400)
+    records = decode_examples(meta, feedback_examples, frame)
+    assert all("label" in b for r in records for b in r["history"]) and any(r["history"] for r in records)
+    schema = input_schema(meta)
+    encoder = RequestEncoder(meta, schema, feedback_examples)
+    encoded = encoder.encode(record_rows(records, encoder.schema)).inputs
+    expected = prepared_inputs(frame, schema)
+    np.testing.assert_array_equal(encoded.history.numpy(), expected["history"])
+    np.testing.assert_array_equal(encoded.hist_len.numpy(), expected["hist_len"])
+    as_ints = [dict(r, history=[dict(b, label=int(b["label"])) for b in r["history"]]) for r in records]
+    again = encoder.encode(record_rows(as_ints, encoder.schema)).inputs  # a client sends 0/1 as numbers
+    np.testing.assert_array_equal(again.history.numpy(), expected["history"])

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -24,28 +23,16 @@ from msit_rec.fit_config import ShardingConfig
 from msit_rec.train.checkpoint import load_unsharded_checkpoint, load_unsharded_state_dict
 from msit_rec.train.sharding import build_constraints, fused_params
 from msit_rec.train.strategy import TorchRecStrategy, available_devices
+from tests.checkpoints import flat_tensors
+from tests.launch import LAUNCH_ENV
 from tests.strategy_worker import TWO_PROCESS_SHARDING
 from tests.toy_model import BAG_TABLES, SEQ_TABLE, TABLE_NAMES, ToyRecModule, batch_loader, make_batch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_launch_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "strategy_worker.py"
-# Environment variables Lightning's launcher writes into the launching process.
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK",
-              "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "OMP_NUM_THREADS")
 EVAL_BATCH = 999
-
-
-@pytest.fixture(scope="module", autouse=True)
-def in_process_launch_env():
-    """Undo what one-process Lightning runs leave behind (launch env vars, the world-size-1 process group)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in LAUNCH_ENV:
-            mp.delenv(key, raising=False)
-        yield
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def one_process_trainer(root: Path, sharding: ShardingConfig | None = None, **kwargs: Any) -> Trainer:
@@ -216,16 +203,6 @@ def one_process_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     resumed_trainer.save_checkpoint(root / "resumed.ckpt")
     return {"full": root / "full.ckpt", "resumed": root / "resumed.ckpt", "ckpts": ckpts, "full_val": full_val,
             "lrs": (full_trainer.optimizers[0].param_groups[0]["lr"], resumed_trainer.optimizers[0].param_groups[0]["lr"])}
-
-
-def flat_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in items:
-        out.update(flat_tensors(value, f"{prefix}/{key}"))
-    return out
 
 
 def test_resume_continues_with_identical_state(one_process_runs: dict[str, Path]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from msit_rec.terminal import command_output
-from tests.test_strategy import LAUNCH_ENV
+from tests.launch import LAUNCH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TIMESTAMP = re.compile(r"^\d\d:\d\d:\d\d ")
@@ -113,7 +113,8 @@ def check_default_output(result: subprocess.CompletedProcess[str], result_lines:
 
 
 @pytest.fixture(scope="module")
-def quiet_fit(small_examples: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def quiet_fit(small_examples: Path, tmp_path_factory: pytest.TempPathFactory,
+              slow_setup: None) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("terminal") / "run"
     return out, fit(small_examples, out, "--quiet")
 

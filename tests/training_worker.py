@@ -1,4 +1,5 @@
-"""Helpers for tests/test_training.py, and its 2-process part run as a script (Lightning re-launches it per rank).
+"""Fit configs and a recording module shared by the tests that train, and tests/test_training.py's 2-process part
+run as a script (Lightning re-launches it per rank).
 
 Usage: PYTHONPATH=<repo root> python tests/training_worker.py DATA_DIR OUT_DIR ONE_PROCESS_CKPT
 Trains `msit` with `msit_rec.train.fit.fit` on 2 gloo processes (forced mixed table placements), recording each
@@ -42,6 +43,13 @@ SMALL_RUN = (
 )
 # Every model-parallel placement kind at once on 2 processes (the planner places the other tables).
 TWO_PROCESS_SHARDING = {"item": "row_wise", "category": "column_wise", "user": "table_wise"}
+# configs/generate/transfer.yaml's budget (test_training's quality claim, test_explain): every variant 3 full epochs,
+# same seed, same optimisers, no early stop; the one of benchmarks/bench_quality.py.
+SAME_BUDGET = (
+    "model.tower_hidden=[128, 64]", "trainer.batch_size=512", "trainer.max_epochs=3",
+    "trainer.early_stopping_patience=3", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0",
+    "trainer.optim.dense_lr=0.003", "trainer.seed=0",
+)
 
 
 def fit_config(variant: str = "msit", overrides: tuple[str, ...] = ()) -> FitConfig:
@@ -51,6 +59,15 @@ def fit_config(variant: str = "msit", overrides: tuple[str, ...] = ()) -> FitCon
         "trainer": read_yaml(REPO / "configs/trainer/cpu.yaml")["trainer"],
     }
     return from_dict(FitConfig, apply_overrides(data, [*SMALL_RUN, *overrides]), "fit")
+
+
+def tiny_fit_config(variant: str) -> FitConfig:
+    """A few steps of a tiny tower; validation on the whole valid split, so its AUC is an oracle for `evaluate`."""
+    return from_dict(FitConfig, {
+        "model": {"variant": variant, "attention_hidden": [8], "tower_hidden": [16]},
+        "trainer": {"batch_size": 256, "eval_batch_size": 8192, "max_epochs": 1, "limit_train_batches": 12,
+                    "limit_val_batches": 1.0, "progress_bar": False},
+    }, "fit")
 
 
 def probe_batch(data_dir: Path) -> Batch:

@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from msit_rec.data.encoding import hash_bucket
-from msit_rec.data.spec import BEHAVIOUR_SCENARIO, FIRST_VOCAB_INDEX, OOV_INDEX, PADDING_INDEX, DatasetMeta, FeatureSpec
+from msit_rec.data.spec import (
+    BEHAVIOUR_FEEDBACK,
+    BEHAVIOUR_SCENARIO,
+    FIRST_VOCAB_INDEX,
+    OOV_INDEX,
+    PADDING_INDEX,
+    DatasetMeta,
+    FeatureSpec,
+)
 from msit_rec.errors import DataError
 from msit_rec.serving.contract import InputSchema
 from msit_rec.serving.program_inputs import ProgramInputs
@@ -77,14 +85,16 @@ class RequestEncoder:
         # per sequence feature: the behaviour field and its encoder; None = the behaviour's scenario; "" = all OOV
         self.sequence: list[tuple[str | None, IdEncoder | None]] = []
         for name in inputs.sequence:
-            shared = meta.feature(name).source
-            if meta.feature(name).role == BEHAVIOUR_SCENARIO:
+            spec = meta.feature(name)
+            if spec.role == BEHAVIOUR_SCENARIO:
                 self.sequence.append((None, None))
-            elif shared == "":
+            elif spec.source == "":
                 self.sequence.append(("", None))
-            else:
-                spec = meta.feature(shared)
+            elif spec.role == BEHAVIOUR_FEEDBACK:  # its own vocabulary of the log's values as text ("1", "4.5")
                 self.sequence.append((spec.source, id_encoder(spec)))
+            else:  # a behaviour id encoded like the single-valued feature it shares a table with
+                shared = meta.feature(spec.source)
+                self.sequence.append((shared.source, id_encoder(shared)))
         self.dense = []
         for name in inputs.dense:
             stats = meta.numeric_stats.get(name)

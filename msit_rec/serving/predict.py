@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from msit_rec.errors import ConfigError, DataError
+from msit_rec.outputs import staged_file
 from msit_rec.serving.artifact import RankingArtifact
 from msit_rec.serving.request import RawRows, RequestError, arrow_rows, record_rows
 
@@ -69,34 +70,29 @@ def predict_file(
         raise DataError(f"--input {input_path}: no such file")
     if out_path.resolve() == input_path.resolve():
         raise ConfigError(f"--out {out_path}: is the input file; write the scores elsewhere")
-    if out_path.exists() and not overwrite:
-        raise DataError(f"--out {out_path}: exists; pass --overwrite to replace it")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     oov: Counter = Counter()
     rows = 0
     total = pq.ParquetFile(input_path).metadata.num_rows if in_format == "parquet" else None
-    bar = tqdm(total=total, desc="predict", unit="rows", disable=not progress)
-    # written beside the output and renamed at the end: a bad row in batch k leaves no half-scored file behind
-    partial = out_path.with_name(out_path.name + ".partial")
-    writer = _Writer(partial, out_format)
-    try:
-        for raw, table in _batches(input_path, in_format, artifact, batch_size):
-            encoded = artifact.encode(raw)
-            logits = artifact.logits(encoded.inputs, check=False)  # [B]: the encoder keeps ids in range
-            writer.write(table, logits.numpy(), (1.0 / (1.0 + (-logits.double()).exp())).numpy())
-            oov.update(encoded.oov)
-            rows += raw.size
-            bar.update(raw.size)
-        if rows == 0:
-            raise DataError(f"--input {input_path}: no rows to score")
+    # written to a temporary sibling that replaces --out only when complete: a bad row in batch k leaves the
+    # previous output as it was and nothing half-scored behind
+    with staged_file(out_path, overwrite) as staged, tqdm(total=total, desc="predict", unit="rows",
+                                                          disable=not progress) as bar:
+        writer = _Writer(staged, out_format)
+        try:
+            for raw, table in _batches(input_path, in_format, artifact, batch_size):
+                encoded = artifact.encode(raw)
+                logits = artifact.logits(encoded.inputs, check=False)  # [B]: the encoder keeps ids in range
+                writer.write(table, logits.numpy(), (1.0 / (1.0 + (-logits.double()).exp())).numpy())
+                oov.update(encoded.oov)
+                rows += raw.size
+                bar.update(raw.size)
+            if rows == 0:
+                raise DataError(f"--input {input_path}: no rows to score")
+        except BaseException:
+            writer.abandon()
+            raise
         writer.close()
-    except BaseException:
-        writer.discard()
-        raise
-    finally:
-        bar.close()
-    partial.replace(out_path)
     return PredictSummary(rows, time.perf_counter() - start, oov)
 
 
@@ -171,13 +167,12 @@ class _Writer:
         if self._parquet is not None:
             self._parquet.close()
 
-    def discard(self) -> None:
-        """Close without finishing the file, and remove it."""
+    def abandon(self) -> None:
+        """Close the file unfinished (whoever staged it removes it)."""
         if self._text is not None:
             self._text.close()
         if self._parquet is not None:
             self._parquet.close()
-        self.path.unlink(missing_ok=True)
 
 
 def _json_table(records: list[dict[str, Any]]) -> pa.Table:

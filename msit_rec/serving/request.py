@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from msit_rec.data.spec import DatasetMeta
+from msit_rec.data.spec import BEHAVIOUR_FEEDBACK, BEHAVIOUR_SCENARIO, DatasetMeta
 from msit_rec.errors import DataError
 from msit_rec.serving.contract import InputSchema
 
@@ -66,10 +66,11 @@ class RequestSchema:
             ids[source] = ids.get(source, False) or source in (user, item)
         behaviours: dict[str, bool] = {}
         for name in inputs.sequence:
-            shared = meta.feature(name).source  # the feature whose encoding the sequence shares ("" = none)
-            if shared in ("", scenario.name):
+            spec = meta.feature(name)
+            if spec.role == BEHAVIOUR_SCENARIO or spec.source == "":  # the behaviour's scenario field; no field
                 continue
-            source = meta.feature(shared).source
+            # feedback: its raw field (label, or the graded column) itself, optional (null = unknown)
+            source = spec.source if spec.role == BEHAVIOUR_FEEDBACK else meta.feature(spec.source).source
             behaviours[source] = behaviours.get(source, False) or source == item
         return cls(
             scenario_field=scenario.source,

@@ -4,18 +4,25 @@
                    → {"scenario": s, "items": [{"index": i, "item_id": ..., "score": p}, ...] (score descending),
                       "oov": {feature: ids encoded as OOV}}
     GET  /health   status and what the artifact is
-    GET  /metrics  requests by status, OOV ids per feature, latency percentiles, batching
+    GET  /metrics  requests by status, OOV ids per feature, latency percentiles, batching, dropped connections
 
-Each connection has its own thread, which parses and encodes its request; the model calls of concurrent
-requests are micro-batched by one worker (msit_rec/serving/batcher.py). Schema errors are 400 with
-`{"error": "<field path>: <problem>"}`; 404 unknown path, 405 wrong method, 411/413 missing/oversized body.
+Each connection has its own thread (at most `max_connections`; more are answered 503), which parses and encodes its
+request; the model calls of concurrent requests are micro-batched by one worker in chunks of at most `max_batch_rows`
+rows (msit_rec/serving/batcher.py), so one large request cannot hold the model while small ones wait. Every answer
+is JSON: schema errors and malformed JSON 400 `{"error": "<field path>: <problem>"}`; 404 unknown path; 405 any
+other method (with `Allow`); 408 a body that stops arriving; 411/413 a missing/oversized body; 413 too many
+candidates or behaviours. A connection silent for `read_timeout_s` is closed; a client that leaves early is counted
+in /metrics (`disconnects`), not logged as a failure.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import signal
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,16 +30,24 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 import torch
 
+from msit_rec.errors import ConfigError
 from msit_rec.serving.artifact import RankingArtifact
 from msit_rec.serving.batcher import MicroBatcher
-from msit_rec.serving.request import RequestError, rank_request_rows
+from msit_rec.serving.request import HISTORY, RequestError, rank_request_rows
 from msit_rec.serving.server_metrics import ServerMetrics
 
 log = logging.getLogger("msit_rec.serve")
 
 ROUTES = {"/rank": "POST", "/health": "GET", "/metrics": "GET"}
+ANSWER_SLICE = 500  # ranked items per json.dumps call
+# How often a Python thread must hand the interpreter lock to a waiting one while `serve_forever` runs (default 5 ms):
+# a thread parsing or answering a large request would otherwise hold up a small request's threads, and the model
+# worker at each torch op, up to 5 ms at every hand-over (measured: 1-candidate p99 beside a 10,000-candidate
+# request streaming, ~16-28 ms at 5 ms; ~10-14 ms at 0.5 ms).
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -40,14 +55,39 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless asked: the service has no authentication
     port: int = 8080  # 0 = any free port
     max_body_bytes: int = 8 << 20
-    max_batch_rows: int = 4096  # rows of one micro-batched model call
+    max_candidates: int = 10_000  # per /rank request
+    max_history: int = 1_000  # behaviours per history: only the model's max_len most recent count, all cost parsing
+    max_json_depth: int = 64  # nesting of a request body (a valid /rank body nests 4 deep)
+    max_batch_rows: int = 512  # rows of one model call: a larger request is scored in chunks of this many rows, and a
+    # small one waits for at most one chunk (reference model, AOTI: ~10 ms for 512 rows; 4096 rows made it ~140 ms)
     batch_wait_ms: float = 0.0  # how long the worker waits for more requests before a call
+    read_timeout_s: float = 30.0  # a connection silent this long (mid-request or between requests) is closed
+    max_connections: int = 64  # open connections, a thread each; more are answered 503 and closed
+
+    def validate(self) -> None:
+        for name in ("max_body_bytes", "max_candidates", "max_history", "max_json_depth", "max_batch_rows",
+                     "max_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)}: expected ≥ 1")
+        if not self.read_timeout_s > 0:
+            raise ConfigError(f"--read_timeout_s {self.read_timeout_s}: expected > 0")
+        if self.batch_wait_ms < 0:
+            raise ConfigError(f"--batch_wait_ms {self.batch_wait_ms}: expected ≥ 0")
+
+
+class Refused(Exception):
+    """A request the service will not score: `status` and the message of its JSON error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RankingService:
     """Request handling, independent of the HTTP plumbing: body bytes in, (status, JSON object) out."""
 
     def __init__(self, artifact: RankingArtifact, config: ServeConfig) -> None:
+        config.validate()
         self.artifact = artifact
         self.config = config
         self.metrics = ServerMetrics()
@@ -57,28 +97,60 @@ class RankingService:
         )
         self.started = time.time()
 
-    def rank(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def rank(self, body: bytes) -> tuple[int, dict[str, Any] | bytes]:
+        """(status, answer): a JSON object, or the ranking already encoded as JSON text."""
         try:
-            request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return HTTPStatus.BAD_REQUEST, {"error": f"request body: invalid JSON ({exc})"}
-        try:
+            request = self._parse(body)
+            self._check_sizes(request)
             rows = rank_request_rows(request, self.artifact.encoder.schema)
+        except Refused as exc:
+            return exc.status, {"error": str(exc)}
         except RequestError as exc:
             return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
         encoded = self.artifact.encode(rows)
-        scores = torch.sigmoid(self.batcher.submit(encoded.inputs)).tolist()
+        scores = torch.sigmoid(self.batcher.submit(encoded.inputs))  # [B]
         self.metrics.record_rows(rows.size, encoded.oov)
-        item_field = self.artifact.encoder.schema.item_field
-        context = request.get("context", {})
-        order = sorted(range(rows.size), key=lambda i: -scores[i])  # stable: ties keep request order
-        items = [
-            {"index": i, "item_id": request["candidates"][i].get(item_field, context.get(item_field)),
-             "score": scores[i]}
-            for i in order
-        ]
         oov = {name: count for name, count in encoded.oov.items() if count}
-        return HTTPStatus.OK, {"scenario": request["scenario"], "items": items, "oov": oov}
+        return HTTPStatus.OK, self._ranking_json(request, scores, oov)
+
+    def _ranking_json(self, request: dict[str, Any], scores: torch.Tensor, oov: dict[str, int]) -> bytes:
+        """`{"scenario", "items" (score descending), "oov"}` as JSON text, the items encoded a slice at a time: one
+        json.dumps call holds the interpreter lock throughout (10,000 items: ~10 ms every other request waits)."""
+        item_field = self.artifact.encoder.schema.item_field
+        fallback = request.get("context", {}).get(item_field)
+        candidates = request["candidates"]
+        order = np.argsort(-scores.numpy(), kind="stable").tolist()  # ties keep request order
+        values = scores.tolist()
+        items = (
+            json.dumps([{"index": i, "item_id": candidates[i].get(item_field, fallback), "score": values[i]}
+                        for i in order[start : start + ANSWER_SLICE]])[1:-1]
+            for start in range(0, len(order), ANSWER_SLICE)
+        )
+        head = json.dumps({"scenario": request["scenario"]})[:-1]
+        return f'{head}, "items": [{", ".join(items)}], "oov": {json.dumps(oov)}}}'.encode()
+
+    def _parse(self, body: bytes) -> Any:
+        """The JSON value of a body, or 400: nesting is measured before parsing (json.loads recurses per level)."""
+        limit = self.config.max_json_depth
+        depth = json_depth(body)
+        if depth > limit:
+            raise Refused(HTTPStatus.BAD_REQUEST,
+                          f"request body: JSON nested {depth} deep, the limit is {limit} (--max_json_depth)")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:  # decode errors, bad encodings, ints beyond the digit limit
+            raise Refused(HTTPStatus.BAD_REQUEST, f"request body: invalid JSON ({exc})") from None
+
+    def _check_sizes(self, request: Any) -> None:
+        """413 for more candidates or behaviours than the limits (the rest of the schema is checked after)."""
+        if not isinstance(request, dict):
+            return
+        for field, limit, flag in (("candidates", self.config.max_candidates, "--max_candidates"),
+                                   (HISTORY, self.config.max_history, "--max_history")):
+            value = request.get(field)
+            if isinstance(value, list) and len(value) > limit:
+                raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              f"{field}: {len(value)} entries, the limit is {limit} ({flag})")
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 3), **self.artifact.info()}
@@ -87,46 +159,77 @@ class RankingService:
         self.batcher.close()
 
 
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)  # byte → +1 opens a level, −1 closes one
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of `[`/`{` outside strings, in linear time and without recursion (a few ms per MB).
+
+    Escapes are made neutral first (`\\\\` pairs, then `\\"`), so every quote left opens or closes a string.
+    """
+    plain = body.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    codes = np.frombuffer(plain, dtype=np.uint8)
+    inside = np.bitwise_xor.accumulate((codes == ord('"')).view(np.uint8)).view(bool)  # in a string (or its quote)
+    steps = _BRACKET_STEP[codes]
+    steps[inside] = 0
+    return int(np.cumsum(steps[steps != 0], dtype=np.int64).max(initial=0))
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its request was read."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection
     disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would add 40 ms
+    default_request_version = "HTTP/1.0"  # until a request line parses: its error answer gets a status line (0.9 none)
     server: _Server
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def setup(self) -> None:
+        self.timeout = self.server.service.config.read_timeout_s  # applied to the socket by StreamRequestHandler
+        super().setup()
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    def __getattr__(self, name: str) -> Any:
+        """Every `do_<METHOD>` is the router, so a method no route takes is a JSON 405 (the base class: HTML 501)."""
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[3:])
+        raise AttributeError(name)
 
     def _dispatch(self, method: str) -> None:
         start = time.perf_counter()
         service = self.server.service
         path = self.path.split("?", 1)[0]
+        self._body_read = False
         try:
-            if path not in ROUTES:
-                status, payload = HTTPStatus.NOT_FOUND, {"error": f"{path}: not found; routes are {sorted(ROUTES)}"}
-            elif ROUTES[path] != method:
-                status, payload = HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{path} takes {ROUTES[path]}, not {method}"}
-            elif path == "/health":
-                status, payload = HTTPStatus.OK, service.health()
-            elif path == "/metrics":
-                status, payload = HTTPStatus.OK, service.metrics.snapshot()
-            else:
-                body = self._body(service.config.max_body_bytes)
-                status, payload = body if isinstance(body, tuple) else service.rank(body)
+            status, payload = self._answer(method, path)
+        except _ClientGone:
+            self._client_gone(f"{method} {path}: body cut short")
+            return
         except Exception as exc:  # a bug, not the client's fault: answer 500 and keep serving
             log.exception("request %s %s failed", method, path)
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}"}
-        self._reply(status, payload, method == "POST" and status in (HTTPStatus.LENGTH_REQUIRED,
-                                                                      HTTPStatus.REQUEST_ENTITY_TOO_LARGE))
+        try:
+            self._reply(status, payload, {"Allow": ROUTES[path]} if status == HTTPStatus.METHOD_NOT_ALLOWED else {})
+        except (ConnectionError, TimeoutError) as exc:
+            self._client_gone(f"{method} {path}: {type(exc).__name__} while answering")
+            return
         if path != "/metrics":
             service.metrics.record_request(int(status), time.perf_counter() - start)
+
+    def _answer(self, method: str, path: str) -> tuple[int, dict[str, Any] | bytes]:
+        service = self.server.service
+        if path not in ROUTES:
+            return HTTPStatus.NOT_FOUND, {"error": f"{path}: not found; routes are {sorted(ROUTES)}"}
+        if ROUTES[path] != method:
+            return HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{path} takes {ROUTES[path]}, not {method}"}
+        if path == "/health":
+            return HTTPStatus.OK, service.health()
+        if path == "/metrics":
+            return HTTPStatus.OK, service.metrics.snapshot()
+        body = self._body(service.config.max_body_bytes)
+        return body if isinstance(body, tuple) else service.rank(body)
 
     def _body(self, limit: int) -> bytes | tuple[int, dict[str, Any]]:
         length = self.headers.get("Content-Length")
@@ -136,18 +239,46 @@ class _Handler(BaseHTTPRequestHandler):
             return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
                 "error": f"request body: {int(length)} bytes, the limit is {limit} (--max_body_bytes)"
             }
-        return self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            return HTTPStatus.REQUEST_TIMEOUT, {
+                "error": f"request body: not received within {self.timeout} s (--read_timeout_s)"
+            }
+        except ConnectionError as exc:
+            raise _ClientGone from exc
+        if len(body) < int(length):
+            raise _ClientGone
+        self._body_read = True
+        return body
 
-    def _reply(self, status: int, payload: dict[str, Any], close: bool) -> None:
-        data = json.dumps(payload).encode()
+    def _reply(self, status: int, payload: dict[str, Any] | bytes, headers: dict[str, str], close: bool = False) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if close:  # the unread body would be taken for the next request
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if close or self._body_unread():  # an unread body would be taken for the next request
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(data)
+
+    def _body_unread(self) -> bool:
+        declared = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+        return declared and not self._body_read
+
+    def _client_gone(self, what: str) -> None:
+        self.close_connection = True
+        self.server.service.metrics.record_disconnect()
+        log.info("%s: client disconnected (%s)", self.address_string(), what)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol errors found by the base class (bad request line, long headers...) as JSON too, then close."""
+        self.log_error("code %d, message %s", code, message)
+        self._reply(code, {"error": message or HTTPStatus(code).phrase}, {}, close=True)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -159,7 +290,49 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, config: ServeConfig, service: RankingService) -> None:
         self.service = service
+        self._slots = threading.BoundedSemaphore(config.max_connections)
         super().__init__((config.host, config.port), _Handler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """A thread per connection while fewer than `max_connections` are open; beyond, 503 and close at once."""
+        if not self._slots.acquire(blocking=False):
+            self.service.metrics.record_refused()
+            _answer_busy(request, self.service.config.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A dropped or stalled connection is counted, not printed; anything else is logged with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self.service.metrics.record_disconnect()
+            log.info("%s: client disconnected (%s)", client_address[0], type(error).__name__)
+        else:
+            log.exception("connection from %s failed", client_address[0])
+
+
+def _answer_busy(connection: socket.socket, limit: int) -> None:
+    """One non-blocking write of a 503 from the accepting thread: it must never wait on a client."""
+    body = json.dumps({"error": f"server busy: {limit} connections open, the limit (--max_connections); "
+                                "retry later"}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        connection.setblocking(False)
+        connection.send(head + body)
+    except OSError:
+        pass  # gone already, or its buffer is full: closing is answer enough
 
 
 class RankingServer:
@@ -177,6 +350,15 @@ class RankingServer:
         return str(host), int(port)
 
     @property
+    def unauthenticated_warning(self) -> str | None:
+        """What to tell whoever starts a server reachable beyond this machine: it has no authentication."""
+        host = self.address[0]
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+        return (f"warning: listening on {host}, not loopback only: this service has no authentication; anyone who "
+                "can reach the port can use it")
+
+    @property
     def url(self) -> str:
         host, port = self.address
         return f"http://{host}:{port}"
@@ -187,14 +369,18 @@ class RankingServer:
         return self
 
     def serve_forever(self) -> None:
-        """Serve until SIGINT or SIGTERM, then finish the queued model calls and close the socket."""
+        """Serve until SIGINT or SIGTERM, then finish the queued model calls and close the socket. The process is a
+        server meanwhile: its threads hand over the interpreter lock every `SWITCH_INTERVAL_S`."""
         def stop(signum: int, frame: object) -> None:
             threading.Thread(target=self._http.shutdown, daemon=True).start()  # shutdown() waits for the loop
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             self._http.serve_forever()
         finally:
+            sys.setswitchinterval(switch_interval)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._close()

@@ -1,4 +1,5 @@
-"""What `GET /metrics` reports: request counts by status, OOV ids per feature, latency and batching summaries."""
+"""What `GET /metrics` reports: request counts by status, OOV ids per feature, latency and batching summaries, and
+the connections that ended early (client gone or stalled) or were refused (over `--max_connections`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class ServerMetrics:
         self._rows = 0
         self._model_calls = 0
         self._batched_requests = 0
+        self._disconnects = 0
+        self._refused = 0
 
     def record_request(self, status: int, latency_s: float) -> None:
         with self._lock:
@@ -38,6 +41,14 @@ class ServerMetrics:
             self._model_calls += 1
             self._batched_requests += requests
 
+    def record_disconnect(self) -> None:
+        with self._lock:
+            self._disconnects += 1
+
+    def record_refused(self) -> None:
+        with self._lock:
+            self._refused += 1
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             latency = np.array(self._latency_ms, dtype=np.float64)
@@ -50,6 +61,8 @@ class ServerMetrics:
                 "oov": dict(sorted(self._oov.items())),
                 "model_calls": self._model_calls,
                 "requests_per_model_call": self._batched_requests / self._model_calls if self._model_calls else None,
+                "disconnects": self._disconnects,
+                "connections_refused": self._refused,
                 "latency_ms": {
                     "window": len(latency),
                     **({f"p{q}": float(np.percentile(latency, q)) for q in (50, 90, 99)} if len(latency) else {}),

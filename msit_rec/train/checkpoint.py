@@ -5,7 +5,9 @@ Layout of a checkpoint directory:
   tensors, each rank writing its own shards) and optimizer state keyed by parameter name;
 - `trainer_state.pt` (rank 0): everything else Lightning keeps (epoch, loops, callbacks, LR schedulers) plus the
   dense optimizer's param-group hyper-parameters and the dataset hash. Plain containers, numbers, strings and
-  tensors only: it is read with `torch.load(weights_only=True)`, so a checkpoint can never run code;
+  tensors only: it is read with `torch.load(weights_only=True)`. DCP's own `.metadata` is a pickle that DCP loads
+  unrestricted, so it is first read here with an unpickler that knows only DCP's metadata types, and a checkpoint
+  holding pickled objects (DCP "bytes" entries) is refused: no file of a checkpoint can run code;
 - `checkpoint.json` (rank 0, written last): size and sha256 of every other file. A directory without it is
   incomplete; one whose files disagree with it is corrupt. Both are refused with a one-line error.
 
@@ -34,20 +36,27 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from msit_rec.errors import DataError
-from msit_rec.outputs import replace_dir
+from msit_rec.outputs import OLD_TAG, replace_dir
 
+_VERIFIED: set[tuple[str, int]] = set()  # (record path, its mtime) of checkpoints verified by this process
+_METADATA_MODULES = {  # globals a DCP .metadata pickle legitimately names, besides DCP's metadata classes and dtypes
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
 TRAINER_STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "checkpoint.json"
 RECORD_VERSION = 1
 TENSOR_KEYS = ("state_dict", "optimizer_states")  # parts of a Lightning checkpoint stored with DCP
 DATASET_HASH_KEY = "msit_dataset_hash"  # trainer_state key: content hash of the examples the run trains on
 _PARTIAL = ".partial"
-_OLD = ".old-"
 
 
 def split_checkpoint(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -115,7 +124,7 @@ def recover_interrupted_swap(ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.exists() or not ckpt_dir.parent.is_dir():
         return
-    kept = sorted(ckpt_dir.parent.glob(f".{ckpt_dir.name}{_OLD}*"), key=lambda p: p.stat().st_mtime)
+    kept = sorted(ckpt_dir.parent.glob(f".{ckpt_dir.name}{OLD_TAG}*"), key=lambda p: p.stat().st_mtime)
     complete = [p for p in kept if (p / RECORD_FILE).is_file()]
     if complete:
         complete[-1].rename(ckpt_dir)
@@ -133,17 +142,50 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
             f"checkpoint {ckpt_dir}: incomplete (no {RECORD_FILE}: the save was interrupted, or the directory is not "
             f"an msit-rec checkpoint)"
         )
+    stamp = (str(record_path.resolve()), record_path.stat().st_mtime_ns)
+    if stamp in _VERIFIED:  # a resume reads one checkpoint several times: hash it once per process
+        return ckpt_dir
     try:
-        files = json.loads(record_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+        files = {name: (int(entry["bytes"]), str(entry["sha256"]))
+                 for name, entry in json.loads(record_path.read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"checkpoint {record_path}: unreadable record ({type(exc).__name__}: {exc})") from None
-    for name, expected in files.items():
+    for name, (size, digest) in files.items():
         path = ckpt_dir / name
         if not path.is_file():
             raise DataError(f"checkpoint {ckpt_dir}: file {name} is missing")
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != size or _sha256(path) != digest:
             raise DataError(f"checkpoint {ckpt_dir}: file {name} is corrupt (its size or sha256 differs from {RECORD_FILE})")
+    _check_metadata(ckpt_dir)
+    _VERIFIED.add(stamp)
     return ckpt_dir
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` knowing only the types it holds: any other global is refused, not imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _METADATA_MODULES and name in _METADATA_MODULES[module]:
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if module == "torch.distributed.checkpoint.metadata":
+            found = getattr(dcp_metadata, name, None)
+            if (isinstance(found, type) and found.__module__ == module) or name == "_MEM_FORMAT_ENCODING":
+                return found
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in checkpoint metadata")
+
+
+def _check_metadata(ckpt_dir: Path) -> None:
+    """DataError unless `.metadata` unpickles with DCP's types alone and holds tensors only (no pickled objects)."""
+    try:
+        with (ckpt_dir / ".metadata").open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError) as exc:
+        raise DataError(f"checkpoint {ckpt_dir}: .metadata refused ({exc})") from None
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not all(isinstance(v, TensorStorageMetadata) for v in entries.values()):
+        raise DataError(f"checkpoint {ckpt_dir}: .metadata holds non-tensor entries (pickled objects); refused")
 
 
 def checkpoint_shapes(ckpt_dir: str | Path) -> dict[str, torch.Size]:

@@ -7,12 +7,15 @@ into place only when complete), `fit_config.yaml`, `fit_result.json`, CSV and Te
 
 An existing run is never retrained silently: `resume` continues it from a checkpoint (which must be complete,
 intact, and trained on the same examples), `overwrite` replaces it — the old run is set aside as a hidden
-sibling until the new fit has finished, and put back if it fails.
+sibling until the new fit has finished, and put back if the new one fails before its first checkpoint (after that,
+the failed run stays resumable and the old one moves to a visible `OUT.replaced-TIME` sibling).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,7 +28,7 @@ from msit_rec.errors import ConfigError, DataError
 from msit_rec.fit_config import FitConfig, ModelConfig
 from msit_rec.host import is_launching_process, tune_glibc_malloc
 from msit_rec.model import RankingModel
-from msit_rec.outputs import check_replaceable_dir, replace_dir, sibling
+from msit_rec.outputs import OLD_TAG, check_replaceable_dir, replace_dir, sibling
 from msit_rec.run_dir import (
     CHECKPOINT_DIR,
     RUN_ENTRIES,
@@ -44,6 +47,8 @@ from msit_rec.train.checkpoint import (
 from msit_rec.train.module import ExamplesDataModule, RankingModule
 from msit_rec.train.progress import StderrProgressBar
 from msit_rec.train.strategy import TorchRecStrategy, check_devices
+
+log = logging.getLogger(__name__)
 
 
 def check_model_fits_dataset(meta: DatasetMeta, model: ModelConfig) -> RankingModel:
@@ -67,13 +72,14 @@ def check_resumable(ckpt_dir: Path, meta: DatasetMeta, model: RankingModel) -> N
 def _check_out_dir(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
     if resume is not None and overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
-    if resume is not None:
-        return  # continues in place: files beside the run are not at risk
+    if resume is not None and out_dir.resolve() in resume.resolve().parents:
+        return  # continues its own run in place: files beside the run are not at risk
     check_replaceable_dir(out_dir, overwrite=True, entries=RUN_ENTRIES)  # only a user's own files are refused here
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(
             f"--out {out_dir}: holds a run already; pass --resume {checkpoint_path(out_dir, 'last')} to "
-            f"continue it, or --overwrite to replace it"
+            f"continue it, or --overwrite to replace it (a --resume from another run's checkpoint needs a new "
+            f"or empty --out)"
         )
 
 
@@ -97,22 +103,34 @@ def fit(
         check_resumable(resume, meta, model)
     set_aside = None
     if overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
-        set_aside = sibling(out_dir, ".old-")
+        set_aside = sibling(out_dir, OLD_TAG)
         out_dir.rename(set_aside)
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_run_record(out_dir, data_dir, meta.content_hash, config)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_record(out_dir, data_dir, meta.content_hash, config)
         result = _train(config, meta, data_dir, out_dir, resume)
     except BaseException:
-        if set_aside is not None:
-            replace_dir(set_aside, out_dir)  # the failed new run goes, the old one comes back
-        elif created and not any((out_dir / CHECKPOINT_DIR).glob("*.ckpt")):
-            shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+        _after_failure(out_dir, set_aside, created)
         raise
     if set_aside is not None:
         shutil.rmtree(set_aside, ignore_errors=True)
     return result
+
+
+def _after_failure(out_dir: Path, set_aside: Path | None, created: bool) -> None:
+    """Keep whatever can be resumed: a failed run with a checkpoint stays (the run it replaced moves to a visible
+    sibling, named in the log); one without goes, and the replaced run comes back."""
+    if any((out_dir / CHECKPOINT_DIR).glob("*.ckpt")):
+        if set_aside is not None:
+            kept = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            set_aside.rename(kept)
+            log.warning("the run --overwrite replaced is kept in %s; the failed run's checkpoints are in %s",
+                        kept, out_dir)
+    elif set_aside is not None:
+        replace_dir(set_aside, out_dir)
+    elif created:
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
 
 
 def _train(config: FitConfig, meta: DatasetMeta, data_dir: Path, out_dir: Path, resume: Path | None) -> FitResult:
