@@ -299,3 +299,24 @@ def test_sigkill_at_any_moment_then_resume_reaches_the_uninterrupted_weights(sma
         k for k in expected if not torch.equal(expected[k], actual[k])
     ]
     assert load_trainer_state(run / "checkpoints/last.ckpt")["epoch"] == 2
+
+
+def test_a_failed_save_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    import msit_rec.train.checkpoint as checkpoint
+
+    def save(value: float) -> None:
+        checkpoint.save_sharded({"state_dict": {"w": torch.full((3,), value)}}, {"epoch": int(value)},
+                                tmp_path / "last.ckpt", is_rank_zero=True, barrier=lambda _: None,
+                                all_succeeded=lambda ok: ok)
+
+    save(1.0)
+    before = tree_bytes(tmp_path / "last.ckpt")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "replace_dir", disk_full)
+    with pytest.raises(checkpoint.DataError, match="save failed on rank 0.*No space left"):
+        save(2.0)
+    assert tree_bytes(tmp_path / "last.ckpt") == before
+    assert load_unsharded_checkpoint(tmp_path / "last.ckpt")["state_dict"]["w"].tolist() == [1.0, 1.0, 1.0]

@@ -1,8 +1,9 @@
-"""The whole ranking model on real prepared batches: path parity, lookups, gradients, padding, scenario paths, bad configs.
+"""The whole ranking model on real prepared batches: path parity, lookups, gradients, padding, scenario paths, bad
+configs.
 
 Oracles: the other sequence path with the same weights, table rows indexed by hand, the set of ids a batch looks up,
-the same model with more empty bags, permuted/sliced batches, and a stubbed gate. Models run unsharded on the CPU (tables as
-ordinary tensors); the sharded runs are in tests/test_training.py.
+the same model with more empty bags, permuted/sliced batches, and a stubbed gate. Models run unsharded on the CPU
+(tables as ordinary tensors); the sharded runs are in tests/test_training.py.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def test_more_empty_bags_do_not_change_logits(meta, rows, pooling: str) -> None:
     longer.load_state_dict(short.state_dict())
     bags: dict[str, int] = {}
     for name, net in (("short", short), ("longer", longer)):
-        net.embeddings.sequences.register_forward_pre_hook(lambda _, args, name=name: bags.update({name: args[0].stride()}))
+        record = lambda _, args, name=name: bags.update({name: args[0].stride()})
+        net.embeddings.sequences.register_forward_pre_hook(record)
     torch.testing.assert_close(logits(longer, batch), logits(short, batch), rtol=1e-5, atol=1e-6)
     assert bags == {"short": ROWS * (meta.history.max_len + 1), "longer": ROWS * (meta.history.max_len + 14)}
 

@@ -2,7 +2,8 @@
 across world sizes, resume, determinism, and msit against the baselines on the smallest scenario.
 
 Oracles: the ranks against each other, a plain unsharded RankingModel loaded from the checkpoint, an uninterrupted
-run for resume, a second run for determinism, and for quality a paired bootstrap over test rows (validation only picks the checkpoint).
+run for resume, a second run for determinism, and for quality a paired bootstrap over test rows (validation only
+picks the checkpoint).
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ def test_msit_beats_shared_and_din_on_the_smallest_scenario(transfer_examples: P
         probs[variant], small_labels = prob[rows], labels[rows]
         aucs[variant] = roc_auc_score(small_labels, probs[variant])
     margins = {v: paired_bootstrap_lower_bound(small_labels, probs["msit"], probs[v]) for v in ("din", "shared")}
-    print(f"test AUC on {smallest} ({len(small_labels)} rows): {aucs}; paired-bootstrap 5th percentile of msit's margin: {margins}")
+    print(f"test AUC on {smallest} ({len(small_labels)} rows): {aucs}; "
+          f"paired-bootstrap 5th percentile of msit's margin: {margins}")
     assert aucs["msit"] > aucs["din"] and aucs["msit"] > aucs["shared"], aucs
     assert min(margins.values()) > 0, margins

@@ -45,8 +45,8 @@ ROUTES = {"/rank": "POST", "/health": "GET", "/metrics": "GET"}
 ANSWER_SLICE = 500  # ranked items per json.dumps call
 # How often a Python thread must hand the interpreter lock to a waiting one while `serve_forever` runs (default 5 ms):
 # a thread parsing or answering a large request would otherwise hold up a small request's threads, and the model
-# worker at each torch op, up to 5 ms at every hand-over (measured: 1-candidate p99 beside a 10,000-candidate
-# request streaming, ~16-28 ms at 5 ms; ~10-14 ms at 0.5 ms).
+# worker at each torch op, up to 5 ms at every hand-over (measured in one process on 2 cores: 1-candidate p99 beside
+# a streaming 10,000-candidate request ~23 ms at 5 ms, ~11-14 ms at 0.5 ms).
 SWITCH_INTERVAL_S = 0.0005
 
 

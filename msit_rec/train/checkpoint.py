@@ -99,8 +99,12 @@ def save_sharded(
     ckpt_dir: str | Path,
     is_rank_zero: bool,
     barrier: Callable[[str], None],
+    all_succeeded: Callable[[bool], bool],
 ) -> None:
-    """Write a checkpoint directory atomically (see module docstring); collective: every rank must call it."""
+    """Write a checkpoint directory atomically (see module docstring); collective: every rank must call it.
+
+    `all_succeeded(ok)` is a collective AND over ranks: a failure of rank 0's own part (disk full, a failed
+    rename) is raised on every rank at once, instead of leaving the others waiting in a barrier."""
     ckpt_dir = Path(ckpt_dir)
     staging = ckpt_dir.parent / f".{ckpt_dir.name}{_PARTIAL}"
     if is_rank_zero:
@@ -110,13 +114,19 @@ def save_sharded(
     barrier("msit_checkpoint_staging")
     # returns on rank 0 only after every rank's shards are written (DCP gathers the write results, then metadata)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging))
+    failure: OSError | None = None
     if is_rank_zero:
-        torch.save(trainer_state, staging / TRAINER_STATE_FILE)
-        _fsync(staging / TRAINER_STATE_FILE)
-        _write_record(staging)
-        replace_dir(staging, ckpt_dir)
-        _fsync(ckpt_dir.parent)
-    barrier("msit_checkpoint_swapped")
+        try:
+            torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+            _fsync(staging / TRAINER_STATE_FILE)
+            _write_record(staging)
+            replace_dir(staging, ckpt_dir)
+            _fsync(ckpt_dir.parent)
+        except OSError as exc:
+            failure = exc
+    if not all_succeeded(failure is None):
+        raise DataError(f"checkpoint {ckpt_dir}: the save failed on rank 0 ({failure or 'see rank 0'}); "
+                        f"the previous checkpoint of that name is unchanged")
 
 
 def recover_interrupted_swap(ckpt_dir: str | Path) -> None:

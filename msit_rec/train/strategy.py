@@ -169,7 +169,13 @@ class TorchRecStrategy(DDPStrategy):
             rest[DENSE_PARAM_GROUPS_KEY] = [
                 {k: v for k, v in group.items() if k != "params"} for group in self._dense_optimizer.param_groups
             ]
-        save_sharded(tensors, rest, filepath, is_rank_zero=self.is_global_zero, barrier=self.barrier)
+        save_sharded(tensors, rest, filepath, is_rank_zero=self.is_global_zero, barrier=self.barrier,
+                     all_succeeded=self._all_succeeded)
+
+    def _all_succeeded(self, ok: bool) -> bool:
+        """Collective AND of `ok` over the ranks (a sum of failures, on the device the process group uses)."""
+        failed = torch.tensor(0.0 if ok else 1.0, device=self.root_device)
+        return float(self.reduce(failed, reduce_op="sum")) == 0.0
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Collective: load this rank's shards (any saving world size) into the already sharded model.
