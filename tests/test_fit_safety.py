@@ -302,7 +302,7 @@ def test_sigkill_at_any_moment_then_resume_reaches_the_uninterrupted_weights(sma
 
 
 def test_a_failed_save_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
-    import msit_rec.train.checkpoint as checkpoint
+    from msit_rec.train import checkpoint
 
     def save(value: float) -> None:
         checkpoint.save_sharded({"state_dict": {"w": torch.full((3,), value)}}, {"epoch": int(value)},
