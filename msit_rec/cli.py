@@ -20,7 +20,7 @@ from msit_rec.host import is_launching_process
 from msit_rec.terminal import command_output
 
 
-def _add_common(parser: argparse.ArgumentParser, example_config: str) -> None:
+def _add_common(parser: argparse.ArgumentParser, example_config: str, example_override: str) -> None:
     parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example_config}")
     parser.add_argument(
         "--set",
@@ -28,7 +28,7 @@ def _add_common(parser: argparse.ArgumentParser, example_config: str) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (dotted for nested keys), e.g. --set users=1000; repeatable",
+        help=f"override a config key (dotted for nested keys), e.g. --set {example_override}; repeatable",
     )
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -43,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="write synthetic multi-scenario impression logs (Parquet)")
-    _add_common(generate, "configs/generate/synthetic.yaml")
+    _add_common(generate, "configs/generate/synthetic.yaml", "users=1000")
     generate.add_argument("--out", type=Path, help="output directory (day=... partitions); required unless --print_config")
 
     prepare = commands.add_parser("prepare", help="raw logs → leak-free training examples + dataset.json")
-    _add_common(prepare, "configs/datasets/synthetic.yaml")
+    _add_common(prepare, "configs/datasets/synthetic.yaml", "history.max_len=20")
     prepare.add_argument("--out", type=Path, help="output directory for the examples; required unless --print_config")
     prepare.add_argument("--source", help="raw log path (overrides source.path in the config)")
 
