@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plot = plot_auc(results, out / "quality_auc.png")
     settings = {"budget": budget.__dict__ | {"tower": list(budget.tower)}, "variants": list(VARIANTS),
-                "quick": args.quick, "transfer_world": QUICK_WORLD if args.quick else TRANSFER_WORLD,
+                "quick": args.quick, "transfer_world": {"config": str(TRANSFER_WORLD), "overrides": QUICK_WORLD if args.quick else []},
                 "transfer_prepare": TRANSFER_PREPARE, "runtime_s": round(elapsed, 1)}
     (out / "quality.json").write_text(json.dumps({"settings": settings, "datasets": results}, indent=2) + "\n")
     skipped = [d for d in wanted if d not in results]
