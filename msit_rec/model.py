@@ -18,6 +18,7 @@ from msit_rec.embeddings import META, BatchEmbeddings
 from msit_rec.errors import ConfigError
 from msit_rec.fit_config import ModelConfig
 from msit_rec.modules import RankingHead
+from msit_rec.modules.target_attention import pool_packed
 
 
 @dataclass
@@ -70,7 +71,7 @@ class RankingModel(nn.Module):
             gate = self.head.gate_packed(behaviours, own, batch.scenario.index_select(0, example), feedback)  # [N, D]
             behaviours = gate * behaviours
         weights = self.head.attention_packed(behaviours, example, target, scenario_emb)  # [N]
-        interest = behaviours.new_zeros(target.shape).index_add_(0, example, weights[:, None] * behaviours)  # [B, D]
+        interest = pool_packed(weights, behaviours, example, batch.batch_size)  # [B, D]
         logits = self.head(pooled, target, interest, batch.dense, batch.scenario, scenario_emb)
         if not keep:
             return BehaviourDetails(logits, example, None, weights)

@@ -17,6 +17,7 @@ from msit_rec.modules import (
     TargetAttention,
     lengths_to_mask,
 )
+from msit_rec.modules.target_attention import pool_packed
 from tests.reference import din_interest
 
 B, L, D, E, S = 6, 7, 8, 4, 3
@@ -123,7 +124,7 @@ def test_gate_with_feedback_equals_the_formula_and_needs_it(layout: str):
         torch.testing.assert_close(out, expected)
     else:
         behaviours, own, example = _packed(x)
-        out = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"], feedback[x["mask"]])
+        out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"], feedback[x["mask"]]) * behaviours
         torch.testing.assert_close(out, expected[x["mask"]])
     with pytest.raises(ValueError, match="feedback"):
         gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
@@ -202,7 +203,7 @@ def test_fast_attention_equals_naive_concatenation(layout: str, pooling: str, sc
         out = att(x["behaviours"], x["target"], x["mask"], e)
     else:
         behaviours, _, example = _packed(x)
-        out = att.forward_packed(behaviours, example, x["target"], e)
+        out = pool_packed(att.weights_packed(behaviours, example, x["target"], e), behaviours, example, B)
     assert out.shape == (B, D)
     torch.testing.assert_close(out, din_interest(att, x["behaviours"], x["target"], x["mask"], e))
     assert torch.equal(out[0], torch.zeros(D, dtype=torch.float64))  # example 0 has no behaviours
@@ -226,7 +227,7 @@ def test_packed_gate_equals_concatenated_formula():
     gate = _randomise(ScenarioGate(D, E, S).double())
     x = _inputs()
     behaviours, own, example = _packed(x)
-    out = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"])
+    out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"]) * behaviours
     expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])[x["mask"]]
     torch.testing.assert_close(out, expected)
 
@@ -242,8 +243,8 @@ def test_packed_and_padded_layouts_give_the_same_gradients():
     gate.zero_grad()
     att.zero_grad()
     behaviours, own, example = _packed(x)
-    gated = gate.forward_packed(behaviours, own, x["scenario"][example], x["table"])
-    att.forward_packed(gated, example, x["target"], e).square().sum().backward()
+    gated = gate.values_packed(behaviours, own, x["scenario"][example], x["table"]) * behaviours
+    pool_packed(att.weights_packed(gated, example, x["target"], e), gated, example, B).square().sum().backward()
     for name, p in [*gate.named_parameters(), *att.named_parameters()]:
         torch.testing.assert_close(p.grad, grads[name], msg=name)
 

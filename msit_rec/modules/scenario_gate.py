@@ -29,8 +29,8 @@ class ScenarioGate(nn.Module):
     identity but saturated (σ' ≈ 0.05) and able only to shrink; the uniform factor ≈ 0.5 is absorbed by the
     attention and the tower.
 
-    `forward` takes padded behaviours [C, L, D] (the exported serving program); `forward_packed` only the real ones
-    [N, D] (training): there the behaviour block is one matmul per served scenario over that scenario's rows, grouped
+    `forward` takes padded behaviours [C, L, D] (the exported serving program); `values_packed` only the real ones
+    [N, D] (training, which multiplies them itself and keeps the gate for `msit-rec explain`): there the behaviour block is one matmul per served scenario over that scenario's rows, grouped
     by one sort. Shapes: the legend in msit_rec/modules/__init__.py.
     """
 
@@ -79,23 +79,13 @@ class ScenarioGate(nn.Module):
         # fused: one [B, L, D] tensor for the logits, gated in place (sigmoid's backward needs only its output)
         return torch.baddbmm(pair_term, behaviours, weight).sigmoid_() * behaviours
 
-    def forward_packed(
+    def values_packed(
         self,
         behaviours: torch.Tensor,  # [N, D] real behaviours only
         behaviour_scenario: torch.Tensor,  # [N] int, scenario of each behaviour
         served: torch.Tensor,  # [N] int, served scenario of the example each behaviour belongs to
         scenario_table: torch.Tensor,  # [S, E]
         feedback: torch.Tensor | None = None,  # [N] int
-    ) -> torch.Tensor:  # [N, D]
-        return self.values_packed(behaviours, behaviour_scenario, served, scenario_table, feedback) * behaviours
-
-    def values_packed(
-        self,
-        behaviours: torch.Tensor,  # [N, D]
-        behaviour_scenario: torch.Tensor,  # [N]
-        served: torch.Tensor,  # [N]
-        scenario_table: torch.Tensor,  # [S, E]
-        feedback: torch.Tensor | None = None,  # [N]
     ) -> torch.Tensor:  # [N, D] the gate σ(·) in (0, 1), before it multiplies the behaviour
         logits = F.embedding(self._pair(served, behaviour_scenario, feedback), self._pair_logits(scenario_table))
         # rows grouped by served scenario (one gather), one matmul per scenario on contiguous slices, then back

@@ -39,7 +39,8 @@ class TargetAttention(nn.Module):
       `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` per row, as one `[B·L, D] × [D, H]`
       matmul; with a sequence per row (batch scoring) one batched matmul with a per-row `[D, H]` weight does less
       work. A `torch.cond` on C < B picks the branch, in the exported program too.
-    - `forward_packed`: only the real behaviours [N, D] with the example of each — what training uses. It skips the
+    - `weights_packed` (then `pool_packed`): only the real behaviours [N, D] with the example of each — what training
+      uses; the weights α_j are what `msit-rec explain` reports. It skips the
       padded positions entirely (a quarter to a half of the work at usual history lengths) and runs the first
       layer as one `[N, 2D] × [2D, H]` matmul over `[b, b⊙t]` (every behaviour belongs to one example there).
     Tests check both against the naive concatenation formula.
@@ -141,20 +142,10 @@ class TargetAttention(nn.Module):
         weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
         return torch.bmm(weights.unsqueeze(1).to(rows.dtype), rows).squeeze(1)
 
-    def forward_packed(
+    def weights_packed(
         self,
         behaviours: torch.Tensor,  # [N, D] the real behaviours of the batch, example by example
         example: torch.Tensor,  # [N] int64, row of the batch each behaviour belongs to
-        target: torch.Tensor,  # [B, D]
-        scenario_emb: torch.Tensor | None = None,  # [B, E]
-    ) -> torch.Tensor:  # [B, D] interest; zero for an example without behaviours
-        weights = self.weights_packed(behaviours, example, target, scenario_emb)  # [N]
-        return behaviours.new_zeros(target.shape).index_add_(0, example, weights[:, None] * behaviours)
-
-    def weights_packed(
-        self,
-        behaviours: torch.Tensor,  # [N, D]
-        example: torch.Tensor,  # [N] int64
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None = None,  # [B, E]
     ) -> torch.Tensor:  # [N] α_j: each behaviour's weight in its example's interest
@@ -166,6 +157,12 @@ class TargetAttention(nn.Module):
         hidden = self.first_activation(hidden.add_(per_example.index_select(0, example)))  # fresh: in place is safe
         scores = self.rest(hidden).squeeze(1).to(behaviours.dtype)  # [N]
         return segment_softmax(scores, example, batch) if self.pooling == "softmax" else scores
+
+
+def pool_packed(weights: torch.Tensor, behaviours: torch.Tensor, example: torch.Tensor, batch: int) -> torch.Tensor:
+    """Interest [B, D]: Σ_j α_j b_j over each row's packed behaviours (weights [N], behaviours [N, D], example [N]);
+    zero for a row without behaviours. Sum pooling is this with α_j = 1."""
+    return behaviours.new_zeros(batch, behaviours.shape[1]).index_add_(0, example, weights[:, None] * behaviours)
 
 
 def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:

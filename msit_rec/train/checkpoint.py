@@ -236,9 +236,13 @@ def load_sharded_into(template: dict[str, Any], ckpt_dir: str | Path) -> dict[st
     try:
         dcp.load(template, checkpoint_id=ckpt_dir)
     except CheckpointException as exc:  # DCP wraps the per-rank causes (a BaseException, not an Exception)
-        causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
-        raise DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})") from None
+        raise _unreadable(ckpt_dir, exc) from None
     return template
+
+
+def _unreadable(ckpt_dir: Path, exc: CheckpointException) -> DataError:
+    causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
+    return DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})")
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -262,8 +266,7 @@ def load_unsharded_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
         try:
             dcp_to_torch_save(ckpt_dir, plain_path)
         except CheckpointException as exc:
-            causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
-            raise DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})") from None
+            raise _unreadable(ckpt_dir, exc) from None
         return torch.load(plain_path, map_location="cpu", weights_only=True)
 
 
