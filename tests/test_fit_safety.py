@@ -320,3 +320,19 @@ def test_a_failed_save_raises_and_keeps_the_previous_checkpoint(tmp_path, monkey
         save(2.0)
     assert tree_bytes(tmp_path / "last.ckpt") == before
     assert load_unsharded_checkpoint(tmp_path / "last.ckpt")["state_dict"]["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_malformed_checkpoint_record_is_one_line(finished_run, small_examples, tmp_path, capsys) -> None:
+    run = copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoints/last.ckpt"
+    (ckpt / RECORD_FILE).write_text('{"version": 1, "files": [1, 2]}')
+    line = refused(capsys, resume_args(small_examples, run, ckpt))
+    assert "unreadable record (AttributeError" in line
+
+
+def test_resume_from_another_run_into_an_existing_run_is_refused(finished_run, small_examples, tmp_path, capsys):
+    source, target = copy_run(finished_run, tmp_path / "a"), copy_run(finished_run, tmp_path / "b")
+    before = tree_bytes(target)
+    line = refused(capsys, resume_args(small_examples, target, source / "checkpoints/last.ckpt"))
+    assert "holds a run already" in line and "a new or empty --out" in line
+    assert tree_bytes(target) == before

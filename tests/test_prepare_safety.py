@@ -219,3 +219,17 @@ def test_staged_prepare_refuses_a_file_as_output(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="exists and is not a directory"):
         prepare(dataset_config(log), tmp_path / "taken", overwrite=True)
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_mount_point_output_is_refused_before_any_work(tmp_path: Path, hive_log: Path, capsys, monkeypatch) -> None:
+    """A mount point cannot be renamed: the swap at the end would fail after all the work, so it is refused first."""
+    import os
+
+    out = tmp_path / "mounted"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    config = write_config(tmp_path / "ds.yaml", hive_log)
+    code, err = run_cli(capsys, "prepare", "--config", str(config), "--out", str(out), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and f"--out {out}: is a mount point" in err
+    assert list(out.iterdir()) == []
