@@ -67,7 +67,8 @@ def prepare_data(root: Path, quick: bool) -> Path:
     settings = QUICK_GENERATOR_SETTINGS if quick else GENERATOR_SETTINGS
     cli = [sys.executable, "-m", "msit_rec.cli"]
     overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-    subprocess.run([*cli, "generate", "--quiet", "--overwrite", "--out", str(root / "raw"), *overrides], check=True)
+    subprocess.run([*cli, "generate", "--quiet", "--overwrite", "--config", str(REPO / "configs/generate/synthetic.yaml"),
+                    "--out", str(root / "raw"), *overrides], check=True)
     subprocess.run(
         [*cli, "prepare", "--quiet", "--overwrite", "--config", str(REPO / "configs/datasets/synthetic_wide.yaml"),
          "--source", str(root / "raw"), "--out", str(root / "examples")],
