@@ -1,9 +1,10 @@
 """Micro-batching in bounded chunks: concurrent requests share model calls, and no request holds the model long.
 
 Request threads parse and encode in parallel and hand their encoded rows to one worker thread. Every model call
-scores at most `max_rows` rows, shared out among all waiting requests (shortest first, each at most an equal share):
-a large request is scored a chunk at a time, and a request that arrives meanwhile is in the next call beside the
-large one's next chunk. So a 1-candidate request waits for at most the call in progress, whatever else is in flight.
+scores at most `max_rows` rows, shared out among the waiting requests (shortest first, each at most an equal share):
+a large request is scored a chunk at a time. Requests that arrive meanwhile are scored first, in a call of their own
+rows (then the next call is shared by all again, so a stream of new requests cannot starve a large one). So a
+1-candidate request waits for the call in progress and a call its size, not a full chunk of the large one's.
 Under load the per-call overhead is paid once per batch; a lone request waits for nothing (unless `max_wait_s` asks
 it to wait for company).
 """
@@ -65,6 +66,7 @@ class MicroBatcher:
         self._closed = False
         self._pending: list[_Job] = []  # jobs with rows left, in arrival order (the worker's own)
         self._stopping = False  # the stop mark was taken from the queue
+        self._cut_in = False  # the last call scored new jobs only, holding back started ones: the next is shared
         self._threads = torch.get_num_threads()  # as set in the creating thread (e.g. `serve --threads`)
         self._worker = threading.Thread(target=self._loop, name="msit-rec-model", daemon=True)
         self._worker.start()
@@ -122,11 +124,15 @@ class MicroBatcher:
             self._pending.append(item)
 
     def _take(self) -> list[tuple[_Job, int, int]]:
-        """Row ranges [start, stop) of one model call: the next rows of every pending job, `max_rows` shared out
+        """Row ranges [start, stop) of one model call: the next rows of the jobs it serves, `max_rows` shared out
         shortest job first, each taking at most an equal share of the rows still free (so a small job is always in
-        the next call, and the rows a small job leaves go to the larger ones)."""
+        the call, and the rows a small job leaves go to the larger ones). The call serves the jobs not started yet
+        if there are any, unless the previous call already held the started ones back: then it serves all."""
+        fresh = [job for job in self._pending if job.scored == 0]
+        jobs = fresh if fresh and not self._cut_in else self._pending
+        self._cut_in = len(jobs) < len(self._pending)
         chunks, room = [], self._max_rows
-        by_size = sorted(self._pending, key=lambda job: job.left)  # stable: arrival order among equals
+        by_size = sorted(jobs, key=lambda job: job.left)  # stable: arrival order among equals
         for i, job in enumerate(by_size):
             if room == 0:
                 break
