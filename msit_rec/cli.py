@@ -14,9 +14,11 @@ from pathlib import Path
 import yaml
 
 from msit_rec import __version__
+from msit_rec import option_defaults as defaults
 from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml, to_dict
 from msit_rec.errors import ConfigError, MsitError, TrainingError
 from msit_rec.host import is_launching_process
+from msit_rec.serving.serve_config import SERVE_OPTIONS
 from msit_rec.terminal import command_output
 
 
@@ -70,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score checkpoints on a split: per-scenario metrics, report, plots")
     evaluate.add_argument("--run", dest="runs", action="append", required=True, type=Path, metavar="RUN",
                           help="run directory of `msit-rec fit`; repeat to compare models on the same rows")
-    evaluate.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint directory (one --run)")
-    evaluate.add_argument("--split", default="test", help="split to score (default: test)")
+    evaluate.add_argument("--checkpoint", default=defaults.CHECKPOINT,
+                          help="best, last, or a checkpoint directory (one --run) (default: %(default)s)")
+    evaluate.add_argument("--split", default=defaults.SPLIT, help="split to score (default: %(default)s)")
     evaluate.add_argument("--data", type=Path, help="examples directory (default: the first run's training data)")
-    evaluate.add_argument("--batch_size", type=int, default=8192, help="rows per scoring batch (default: 8192)")
+    evaluate.add_argument("--batch_size", type=int, default=defaults.SCORING_BATCH_ROWS,
+                          help="rows per scoring batch (default: %(default)s)")
     evaluate.add_argument("--out", required=True, type=Path,
                           help="output directory: metrics.json, scores.parquet, report.md, plots")
     evaluate.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
@@ -83,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("inputs", nargs="+", type=Path, metavar="METRICS",
                          help="metrics.json files or `evaluate --out` directories; the first model is the reference")
     compare.add_argument("--out", required=True, type=Path, help="output directory: comparison.json, report.md, plots")
-    compare.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
-    compare.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
-    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    compare.add_argument("--resamples", type=int, default=defaults.COMPARE_RESAMPLES,
+                         help="bootstrap resamples (default: %(default)s)")
+    compare.add_argument("--level", type=float, default=defaults.CONFIDENCE_LEVEL,
+                         help="confidence level of the intervals (default: %(default)s)")
+    compare.add_argument("--seed", type=int, default=defaults.BOOTSTRAP_SEED, help="bootstrap seed (default: %(default)s)")
     compare.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_explain_command(commands)
@@ -93,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_commands(commands)
     requests = commands.add_parser("requests", help="raw requests rebuilt from prepared examples (to try predict/serve)")
     requests.add_argument("--data", required=True, type=Path, help="prepared examples directory (with dataset.json)")
-    requests.add_argument("--split", default="test", help="split to sample (default: test)")
-    requests.add_argument("--rows", type=int, default=20, help="requests to write: the split's first rows (default: 20)")
+    requests.add_argument("--split", default=defaults.SPLIT, help="split to sample (default: %(default)s)")
+    requests.add_argument("--rows", type=int, default=defaults.REQUEST_ROWS,
+                          help="requests to write: the split's first rows (default: %(default)s)")
     requests.add_argument("--out", required=True, type=Path, help="JSON lines file to write")
     requests.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     requests.add_argument("--quiet", action="store_true", help="no log lines")
@@ -105,15 +112,18 @@ def _add_explain_command(commands: argparse._SubParsersAction) -> None:
     explain = commands.add_parser("explain", help="what each scenario's behaviours give the others: transfer by "
                                                   "intervention, gate and attention statistics, top behaviours")
     explain.add_argument("--run", required=True, type=Path, help="run directory of `msit-rec fit`")
-    explain.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint directory (default: best)")
-    explain.add_argument("--split", default="test", help="split to explain (default: test)")
+    explain.add_argument("--checkpoint", default=defaults.CHECKPOINT,
+                         help="best, last, or a checkpoint directory (default: %(default)s)")
+    explain.add_argument("--split", default=defaults.SPLIT, help="split to explain (default: %(default)s)")
     explain.add_argument("--data", type=Path, help="examples directory (default: the run's training data)")
     explain.add_argument("--out", required=True, type=Path,
                          help="output directory: explain.json, report.md, heatmaps")
-    explain.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per cell (default: 200)")
-    explain.add_argument("--top", type=int, default=10,
-                         help="most attended behaviours listed per served scenario and feature (default: 10)")
-    explain.add_argument("--batch_size", type=int, default=8192, help="rows per scoring batch (default: 8192)")
+    explain.add_argument("--resamples", type=int, default=defaults.EXPLAIN_RESAMPLES,
+                         help="bootstrap resamples per cell (default: %(default)s)")
+    explain.add_argument("--top", type=int, default=defaults.EXPLAIN_TOP,
+                         help="most attended behaviours listed per served scenario and feature (default: %(default)s)")
+    explain.add_argument("--batch_size", type=int, default=defaults.SCORING_BATCH_ROWS,
+                         help="rows per scoring batch (default: %(default)s)")
     explain.add_argument("--max_rows", type=int,
                          help="explain a uniform sample of this many rows, the same every run (default: all)")
     explain.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
@@ -123,15 +133,17 @@ def _add_explain_command(commands: argparse._SubParsersAction) -> None:
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="checkpoint → serving artifact (torch.export, vocabularies, manifest)")
     export.add_argument("--run", required=True, type=Path, help="run directory of `msit-rec fit`")
-    export.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint directory (default: best)")
+    export.add_argument("--checkpoint", default=defaults.CHECKPOINT,
+                        help="best, last, or a checkpoint directory (default: %(default)s)")
     export.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    export.add_argument("--precision", default="fp32",
+    export.add_argument("--precision", default=defaults.PRECISION,
                         help="table storage: fp32 | fp16 | int8 (every table) or TABLE=P,... e.g. item=int8,user=fp16 "
-                             "(the others fp32); default fp32")
+                             "(the others fp32) (default: %(default)s)")
     export.add_argument("--aoti", action="store_true", help="also write an AOTInductor package (compiles for ~30 s)")
-    export.add_argument("--split", default="test", help="split the parity check scores (default: test)")
+    export.add_argument("--split", default=defaults.SPLIT, help="split the parity check scores (default: %(default)s)")
     export.add_argument("--parity_rows", type=int, help="score at most this many rows for parity (default: all)")
-    export.add_argument("--batch_size", type=int, default=8192, help="rows per parity batch (default: 8192)")
+    export.add_argument("--batch_size", type=int, default=defaults.SCORING_BATCH_ROWS,
+                        help="rows per parity batch (default: %(default)s)")
     export.add_argument("--max_logit_diff", type=float,
                         help="parity bound on max |Δ logit| (default: 1e-5 when every table is fp32, else unchecked)")
     export.add_argument("--max_auc_drop", type=float,
@@ -147,37 +159,26 @@ def _add_serving_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--artifact", required=True, type=Path, help="artifact directory of `msit-rec export`")
     predict.add_argument("--input", required=True, type=Path, help="raw rows: .parquet or .jsonl (request schema)")
     predict.add_argument("--out", required=True, type=Path, help="the rows + logit, score: .parquet or .jsonl")
-    predict.add_argument("--batch_size", type=int, default=4096, help="rows per model call (default: 4096)")
-    predict.add_argument("--backend", default="auto", choices=["auto", "export", "aoti"],
-                         help="program to run: aoti package, torch.export program, or auto (aoti when present)")
-    predict.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    predict.add_argument("--batch_size", type=int, default=defaults.PREDICT_BATCH_ROWS,
+                         help="rows per model call (default: %(default)s)")
+    _add_backend(predict)
     predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
     serve = commands.add_parser("serve", help="HTTP JSON ranking service around an artifact (POST /rank)")
     serve.add_argument("--artifact", required=True, type=Path, help="artifact directory of `msit-rec export`")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 = any free port, printed)")
-    serve.add_argument("--backend", default="auto", choices=["auto", "export", "aoti"],
-                       help="program to run: aoti package, torch.export program, or auto (aoti when present)")
-    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    serve.add_argument("--max_body_bytes", type=int, default=8 << 20, help="largest request body (default: 8 MiB)")
-    serve.add_argument("--max_candidates", type=int, default=10_000,
-                       help="candidates of one /rank request; more are answered 413 (default: 10000)")
-    serve.add_argument("--max_history", type=int, default=1_000,
-                       help="behaviours of one history; more are answered 413 (default: 1000)")
-    serve.add_argument("--max_json_depth", type=int, default=64,
-                       help="nesting depth of a request body; deeper is answered 400 (default: 64)")
-    serve.add_argument("--max_batch_rows", type=int, default=512,
-                       help="rows of one model call: concurrent requests share it, a larger request is scored in "
-                            "chunks of this many rows between others' (default: 512)")
-    serve.add_argument("--batch_wait_ms", type=float, default=0.0,
-                       help="how long a model call waits for more concurrent requests (default: 0)")
-    serve.add_argument("--read_timeout_s", type=float, default=30.0,
-                       help="close a connection silent this long, mid-request or between requests (default: 30)")
-    serve.add_argument("--max_connections", type=int, default=64,
-                       help="open connections (a thread each); more are answered 503 (default: 64)")
+    _add_backend(serve)
+    for option in SERVE_OPTIONS:  # every ServeConfig field, its default and help declared there
+        serve.add_argument(f"--{option.name}", type=type(option.default), default=option.default,
+                           help=f"{option.metadata['help']} (default: %(default)s)")
     serve.add_argument("--quiet", action="store_true", help="no request log")
+
+
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default=defaults.BACKEND, choices=defaults.BACKENDS,
+                        help="program to run: aoti package, torch.export program, or auto (aoti when present) "
+                             "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
 
 
 def _print_config(section: str, config: object) -> None:
@@ -306,11 +307,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     tune_glibc_malloc()
     artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
-    config = ServeConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-                         max_candidates=args.max_candidates, max_history=args.max_history,
-                         max_json_depth=args.max_json_depth, max_batch_rows=args.max_batch_rows,
-                         batch_wait_ms=args.batch_wait_ms, read_timeout_s=args.read_timeout_s,
-                         max_connections=args.max_connections)
+    config = ServeConfig(**{option.name: getattr(args, option.name) for option in SERVE_OPTIONS})
     server = RankingServer(artifact, config)
     if server.unauthenticated_warning:
         print(server.unauthenticated_warning, file=sys.stderr, flush=True)

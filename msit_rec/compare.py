@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from msit_rec import option_defaults as defaults
 from msit_rec.config import to_dict
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.metrics import RankedRows, optional_float, rank_rows, ranked_auc
@@ -107,9 +108,9 @@ def paired_bootstrap(
     scenario: torch.Tensor,
     scores: dict[str, torch.Tensor],
     scenario_names: list[str],
-    resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
+    resamples: int = defaults.COMPARE_RESAMPLES,
+    level: float = defaults.CONFIDENCE_LEVEL,
+    seed: int = defaults.BOOTSTRAP_SEED,
     chunk_elements: int = 1 << 22,
     progress: bool = False,
 ) -> dict[str, dict[str, AucDifference]]:
@@ -234,9 +235,9 @@ def difference_table(comparison: Comparison) -> str:
 def compare(
     inputs: list[str | Path],
     out_dir: str | Path,
-    resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
+    resamples: int = defaults.COMPARE_RESAMPLES,
+    level: float = defaults.CONFIDENCE_LEVEL,
+    seed: int = defaults.BOOTSTRAP_SEED,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Comparison, list[Path]]:

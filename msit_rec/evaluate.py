@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from msit_rec import option_defaults as defaults
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
@@ -81,10 +82,10 @@ class Evaluation:
 
 def evaluate_runs(
     runs: list[str | Path],
-    checkpoint: str = "best",
-    split: str = "test",
+    checkpoint: str = defaults.CHECKPOINT,
+    split: str = defaults.SPLIT,
     data_dir: str | Path | None = None,
-    batch_size: int = 8192,
+    batch_size: int = defaults.SCORING_BATCH_ROWS,
     device: torch.device | None = None,
     progress: bool = True,
 ) -> Evaluation:

@@ -35,6 +35,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm.auto import tqdm
 
+from msit_rec import option_defaults as defaults
 from msit_rec.compare import paired_bootstrap
 from msit_rec.config import to_dict
 from msit_rec.data.batch import Batch, keyed_jagged
@@ -431,15 +432,15 @@ def check_arguments(resamples: int, top: int, max_rows: int | None, level: float
 def explain(
     run: str | Path,
     out_dir: str | Path,
-    checkpoint: str = "best",
-    split: str = "test",
+    checkpoint: str = defaults.CHECKPOINT,
+    split: str = defaults.SPLIT,
     data_dir: str | Path | None = None,
-    resamples: int = 200,
-    top: int = 10,
-    batch_size: int = 8192,
+    resamples: int = defaults.EXPLAIN_RESAMPLES,
+    top: int = defaults.EXPLAIN_TOP,
+    batch_size: int = defaults.SCORING_BATCH_ROWS,
     max_rows: int | None = None,
-    level: float = 0.95,
-    seed: int = 0,
+    level: float = defaults.CONFIDENCE_LEVEL,
+    seed: int = defaults.BOOTSTRAP_SEED,
     overwrite: bool = False,
     progress: bool = True,
     device: torch.device | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from msit_rec import option_defaults as defaults
 from msit_rec.data.spec import BEHAVIOUR_FEEDBACK, BEHAVIOUR_SCENARIO, OOV_INDEX, DatasetMeta, FeatureSpec
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.outputs import staged_file
@@ -34,7 +35,9 @@ def _inverse_vocabularies(meta: DatasetMeta, root: Path) -> dict[str, dict[int, 
     return inverse
 
 
-def requests_from_examples(data_dir: str | Path, split: str = "test", rows: int = 20) -> list[dict]:
+def requests_from_examples(
+    data_dir: str | Path, split: str = defaults.SPLIT, rows: int = defaults.REQUEST_ROWS
+) -> list[dict]:
     """The first `rows` examples of `split` (in the split's time order) as raw request objects."""
     root = Path(data_dir)
     meta = DatasetMeta.load(root)

@@ -68,3 +68,41 @@ def test_commands_that_write_name_their_missing_flags(capsys) -> None:
     assert "--out required" in capsys.readouterr().err
     assert main(["fit", "--out", "somewhere"]) == 2
     assert "--data required" in capsys.readouterr().err
+
+
+def test_flag_defaults_are_the_library_defaults() -> None:
+    """Each flag a library function also takes defaults to that function's own default (declared once)."""
+    import inspect
+    from dataclasses import asdict
+
+    from msit_rec.cli import build_parser
+    from msit_rec.compare import compare
+    from msit_rec.evaluate import evaluate_runs
+    from msit_rec.explain import explain
+    from msit_rec.export import export_run
+    from msit_rec.serving.artifact import load_artifact
+    from msit_rec.serving.predict import predict_file
+    from msit_rec.serving.server import ServeConfig
+    from pipelines.requests import requests_from_examples
+
+    commands = {
+        "evaluate": (["--run", "r", "--out", "o"], [evaluate_runs]),
+        "compare": (["m", "--out", "o"], [compare]),
+        "explain": (["--run", "r", "--out", "o"], [explain]),
+        "export": (["--run", "r", "--out", "o"], [export_run]),
+        "predict": (["--artifact", "a", "--input", "i", "--out", "o"], [predict_file, load_artifact]),
+        "serve": (["--artifact", "a"], [load_artifact]),
+        "requests": (["--data", "d", "--out", "o"], [requests_from_examples]),
+    }
+    parser = build_parser()
+    for command, (required, functions) in commands.items():
+        args = vars(parser.parse_args([command, *required]))
+        checked = 0
+        for function in functions:
+            for name, parameter in inspect.signature(function).parameters.items():
+                if name in args and parameter.default is not inspect.Parameter.empty and name != "overwrite":
+                    assert args[name] == parameter.default, (command, name, args[name], parameter.default)
+                    checked += 1
+        assert checked >= 1, command
+    serve_args = vars(parser.parse_args(["serve", "--artifact", "a"]))
+    assert {name: serve_args[name] for name in asdict(ServeConfig())} == asdict(ServeConfig())

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import msit_rec
+from msit_rec import option_defaults as defaults
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
@@ -39,12 +40,12 @@ def export_run(
     run_dir: str | Path,
     out_dir: str | Path,
     *,
-    checkpoint: str = "best",
-    precision: str | dict[str, str] = "fp32",
+    checkpoint: str = defaults.CHECKPOINT,
+    precision: str | dict[str, str] = defaults.PRECISION,
     aoti: bool = False,
-    split: str = "test",
+    split: str = defaults.SPLIT,
     parity_rows: int | None = None,
-    batch_size: int = 8192,
+    batch_size: int = defaults.SCORING_BATCH_ROWS,
     max_logit_diff: float | None = None,
     max_auc_drop: float | None = None,
     parity_gate: bool = True,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from msit_rec import option_defaults as defaults
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.serving.contract import AOTI_FILE, DATASET_FILE, PROGRAM_FILE, Manifest
@@ -116,7 +117,7 @@ def check_ranges(inputs: ProgramInputs, meta: DatasetMeta, manifest: Manifest) -
 
 def load_artifact(
     artifact_dir: str | Path,
-    backend: Backend = "auto",
+    backend: Backend = defaults.BACKEND,
     threads: int | None = None,
     device: torch.device | str | None = None,
     verify: bool = True,

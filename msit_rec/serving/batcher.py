@@ -51,7 +51,7 @@ class MicroBatcher:
     def __init__(
         self,
         run: Callable[[ProgramInputs], torch.Tensor],
-        max_rows: int = 512,
+        max_rows: int,
         max_wait_s: float = 0.0,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:

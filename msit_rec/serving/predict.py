@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from msit_rec import option_defaults as defaults
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.outputs import staged_file
 from msit_rec.serving.artifact import RankingArtifact
@@ -58,7 +59,7 @@ def predict_file(
     artifact: RankingArtifact,
     input_path: str | Path,
     out_path: str | Path,
-    batch_size: int = 4096,
+    batch_size: int = defaults.PREDICT_BATCH_ROWS,
     overwrite: bool = False,
     progress: bool = True,
 ) -> PredictSummary:

@@ -25,7 +25,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,10 +33,10 @@ import numpy as np
 import orjson
 import torch
 
-from msit_rec.errors import ConfigError
 from msit_rec.serving.artifact import RankingArtifact
 from msit_rec.serving.batcher import MicroBatcher
 from msit_rec.serving.request import HISTORY, RequestError, rank_request_rows
+from msit_rec.serving.serve_config import ServeConfig
 from msit_rec.serving.server_metrics import ServerMetrics
 
 log = logging.getLogger("msit_rec.serve")
@@ -48,31 +47,6 @@ ROUTES = {"/rank": "POST", "/health": "GET", "/metrics": "GET"}
 # worker at each torch op, up to 5 ms at every hand-over (measured in one process on 2 cores: 1-candidate p99 beside
 # a streaming 10,000-candidate request ~23 ms at 5 ms, ~11-14 ms at 0.5 ms, before orjson and new-requests-first).
 SWITCH_INTERVAL_S = 0.0005
-
-
-@dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"  # loopback unless asked: the service has no authentication
-    port: int = 8080  # 0 = any free port
-    max_body_bytes: int = 8 << 20
-    max_candidates: int = 10_000  # per /rank request
-    max_history: int = 1_000  # behaviours per history: only the model's max_len most recent count, all cost parsing
-    max_json_depth: int = 64  # nesting of a request body (a valid /rank body nests 4 deep)
-    max_batch_rows: int = 512  # rows of one model call: a larger request is scored in chunks of this many rows, and a
-    # small one waits for at most one chunk (reference model, AOTI: ~10 ms for 512 rows; 4096 rows made it ~140 ms)
-    batch_wait_ms: float = 0.0  # how long the worker waits for more requests before a call
-    read_timeout_s: float = 30.0  # a connection silent this long (mid-request or between requests) is closed
-    max_connections: int = 64  # open connections, a thread each; more are answered 503 and closed
-
-    def validate(self) -> None:
-        for name in ("max_body_bytes", "max_candidates", "max_history", "max_json_depth", "max_batch_rows",
-                     "max_connections"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} {getattr(self, name)}: expected ≥ 1")
-        if not self.read_timeout_s > 0:
-            raise ConfigError(f"--read_timeout_s {self.read_timeout_s}: expected > 0")
-        if self.batch_wait_ms < 0:
-            raise ConfigError(f"--batch_wait_ms {self.batch_wait_ms}: expected ≥ 0")
 
 
 class Refused(Exception):
