@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"budget": budget.__dict__ | {"tower": list(budget.tower)}, "variants": list(VARIANTS),
                 "quick": args.quick, "transfer_world": {"config": str(TRANSFER_WORLD), "overrides": QUICK_WORLD if args.quick else []},
                 "transfer_prepare": TRANSFER_PREPARE, "runtime_s": round(elapsed, 1)}
-    (out / "quality.json").write_text(json.dumps({"settings": settings, "datasets": results}, indent=2) + "\n")
+    record = json.dumps({"settings": settings, "datasets": results}, indent=2, default=str)  # paths as text
+    (out / "quality.json").write_text(record + "\n")
     skipped = [d for d in wanted if d not in results]
     lines = [
         f"# Quality benchmark{' (--quick)' if args.quick else ''}: every variant, same budget, per scenario", "",
