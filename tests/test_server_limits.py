@@ -381,8 +381,7 @@ def test_small_requests_stay_fast_beside_a_large_one(decoded: dict, reference_ar
     busy machine inflates one round's tail, a head-of-line block all."""
     small = json.dumps(rank_body(decoded, 5, 1)).encode()
     large = json.dumps(large_body(decoded, LARGE)).encode()
-    with serve_process(reference_artifact, "--threads", "1", "--backend", "export", "--max_batch_rows", "256",
-                       "--quiet") as address:
+    with serve_process(reference_artifact, "--threads", "1", "--backend", "export", "--quiet") as address:
         connection = http.client.HTTPConnection(*address, timeout=60)
         latencies(connection, small, 20)  # warm-up
         rounds = []

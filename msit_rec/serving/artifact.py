@@ -22,7 +22,6 @@ from msit_rec.serving.program_inputs import ProgramInputs
 from msit_rec.serving.request import RawRows
 
 Backend = Literal["auto", "export", "aoti"]
-BACKENDS = ("auto", "export", "aoti")
 
 
 def sha256_file(path: Path) -> str:
@@ -129,8 +128,8 @@ def load_artifact(
     `threads` sets torch's intra-op threads for this process. `verify` checks every file's sha256 first.
     """
     root = Path(artifact_dir)
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
+    if backend not in defaults.BACKENDS:
+        raise ConfigError(f"backend {backend!r}: expected one of {list(defaults.BACKENDS)}")
     manifest = Manifest.load(root)
     if verify:
         verify_files(root, manifest.files)

@@ -26,8 +26,11 @@ class ServeConfig:
                                       "cost parsing); more are answered 413")
     max_json_depth: int = _option(64, "nesting depth of a request body (a valid /rank body nests 4 deep); deeper is "
                                       "answered 400")
-    # reference model, AOTI: ~10 ms for 512 rows; 4096 rows made a small request wait ~140 ms
-    max_batch_rows: int = _option(512, "rows of one model call: concurrent requests share it, a larger request is "
+    # Reference model, one thread, a 10,000-candidate request: 128-row calls score it fastest (AOTI 128 ms, export
+    # 200 ms; 512 rows: 154 / 332 ms, the activations outgrow the caches), and a small request beside it waits for
+    # one short call: its p99 7-13x idle instead of 10-31x at 512. The AOTInductor runner holds the interpreter lock
+    # for its whole call, so the call's length bounds how long the HTTP threads of other requests stall.
+    max_batch_rows: int = _option(128, "rows of one model call: concurrent requests share it, a larger request is "
                                        "scored in chunks of this many rows between others'")
     batch_wait_ms: float = _option(0.0, "how long a model call waits for more concurrent requests")
     read_timeout_s: float = _option(30.0, "close a connection silent this long, mid-request or between requests")
