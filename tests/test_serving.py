@@ -91,7 +91,8 @@ def prepared_inputs(frame: pl.DataFrame, schema: InputSchema) -> dict[str, np.nd
         "history": history,
         "hist_len": frame["hist_len"].to_numpy().astype(np.int64),
         "scenario": frame["scenario"].to_numpy().astype(np.int64),
-        "dense": np.stack([frame[name].to_numpy() for name in schema.dense], axis=1),
+        "dense": np.stack([frame[name].to_numpy() for name in schema.dense], axis=1) if schema.dense
+        else np.zeros((len(frame), 0)),
     }
 
 
@@ -436,3 +437,40 @@ def test_encoder_reproduces_feedback_histories(feedback_examples: Path) -> None:
     as_ints = [dict(r, history=[dict(b, label=int(b["label"])) for b in r["history"]]) for r in records]
     again = encoder.encode(record_rows(as_ints, encoder.schema)).inputs  # a client sends 0/1 as numbers
     np.testing.assert_array_equal(again.history.numpy(), expected["history"])
+
+
+def test_encoder_reproduces_graded_feedback_sent_as_numbers(shared_data: Path, tmp_path: Path) -> None:
+    """A graded feedback (MovieLens ratings, the vocabulary's "4.0"/"4.5" texts) sent as JSON numbers — floats, and
+    integral ones as ints the way JavaScript writes them — or as an Arrow float column encodes to the prepared ids."""
+    from msit_rec.config import load_config
+    from msit_rec.data.spec import DatasetMeta
+    from pipelines.config import DatasetConfig
+    from pipelines.prepare import prepare
+    from pipelines.requests import decode_examples
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs/datasets/movielens.yaml", DatasetConfig,
+                         "dataset", overrides=[f"source.path={shared_data / 'ml-latest-small'}"])
+    assert config.history.feedback == "rating"
+    prepare(config, tmp_path / "examples")
+    meta = DatasetMeta.load(tmp_path / "examples")
+    frame = pl.concat([pl.read_parquet(tmp_path / "examples" / f) for f in meta.splits["test"].files]).head(300)
+    records = decode_examples(meta, tmp_path / "examples", frame)
+    ratings = {b["rating"] for r in records for b in r["history"]}
+    assert {"4.0", "4.5"} <= ratings  # the vocabulary's texts, as Polars wrote the float column
+    schema = input_schema(meta)
+    encoder = RequestEncoder(meta, schema, tmp_path / "examples")
+    expected = prepared_inputs(frame, schema)["history"]
+
+    def rated(as_number: Any) -> list[dict[str, Any]]:
+        return [dict(r, history=[dict(b, rating=as_number(float(b["rating"]))) for b in r["history"]]) for r in records]
+
+    for sent in (rated(float), rated(lambda v: int(v) if v.is_integer() else v)):
+        encoded = encoder.encode(record_rows(sent, encoder.schema)).inputs
+        np.testing.assert_array_equal(encoded.history.numpy(), expected)
+    as_text = [  # ids as text (decoded OOV ids are text placeholders, the known ones ints): one Arrow type
+        dict(r, user_id=str(r["user_id"]), item_id=str(r["item_id"]),
+             history=[dict(b, item_id=str(b["item_id"])) for b in r["history"]]) for r in rated(float)
+    ]
+    table = pa.Table.from_pylist(as_text)
+    assert pa.types.is_floating(table.schema.field("history").type.value_type.field("rating").type)
+    np.testing.assert_array_equal(encoder.encode(arrow_rows(table, encoder.schema)).inputs.history.numpy(), expected)

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,35 @@ class IdEncoder:
         return np.fromiter((distinct[v] for v in _hashable(values)), dtype=np.int64, count=len(values))
 
 
+class FeedbackEncoder(IdEncoder):
+    """Behaviour feedback: the vocabulary holds the log column's values as Polars writes them as text ("1" for an
+    int label, "4.0"/"4.5" for a float rating). A number in a request is looked up as that text: first as sent
+    (`4` → "4", `4.5` → "4.5"), then in the column's other numeric form (`4` → "4.0", `4.0` → "4"), since a JSON
+    writer may drop the ".0" of a float (JavaScript does) or add one."""
+
+    def encode(self, values: Column) -> np.ndarray:
+        values = _hashable(values)
+        ids = super().encode([_feedback_text(v) for v in values])
+        for i in np.flatnonzero(ids == OOV_INDEX).tolist():
+            other = _other_numeric_text(values[i])
+            if other is not None:
+                ids[i] = super().encode([other])[0]
+        return ids
+
+
+def _feedback_text(value: Any) -> str | None:
+    return None if value is None else value if isinstance(value, str) else repr(value)
+
+
+def _other_numeric_text(value: Any) -> str | None:
+    """The text of the same number in the other numeric type (int ↔ float), or None."""
+    if type(value) is int:
+        return repr(float(value))
+    if type(value) is float and value.is_integer():
+        return str(int(value))
+    return None
+
+
 def _hashable(values: Column) -> Sequence:
     """Python ints for an int array (numpy scalars hash and print the same, but this keeps dict keys uniform)."""
     return values.tolist() if isinstance(values, np.ndarray) else values
@@ -91,7 +121,7 @@ class RequestEncoder:
             elif spec.source == "":
                 self.sequence.append(("", None))
             elif spec.role == BEHAVIOUR_FEEDBACK:  # its own vocabulary of the log's values as text ("1", "4.5")
-                self.sequence.append((spec.source, id_encoder(spec)))
+                self.sequence.append((spec.source, FeedbackEncoder(spec, id_encoder(spec).vocabulary)))
             else:  # a behaviour id encoded like the single-valued feature it shares a table with
                 shared = meta.feature(spec.source)
                 self.sequence.append((shared.source, id_encoder(shared)))

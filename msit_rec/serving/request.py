@@ -9,6 +9,9 @@ Request schema (field names are the raw-log column names, i.e. the `source` of e
 - `history`: the user's recent behaviours, oldest first (`null` or `[]` = none), each an object with the item id
   column, the category column (when the dataset has one) and the scenario column. Only the most recent
   `max_len` are used. In Parquet: a `history` column of `list<struct<item_id, item_cat, scenario>>`.
+  With feedback-aware histories (contract v2) each behaviour also carries its feedback field (the label column,
+  or the graded one the dataset config names, e.g. `rating`): an int, a finite number or a string, `null` or
+  absent = unknown (→ OOV).
 
 A missing field, a wrong type, an unknown scenario or a null user/item id raises `RequestError` naming the
 field path, e.g. `candidates[3].item_id: expected int or string, got list`. Unknown ids are not errors: they
@@ -54,6 +57,7 @@ class RequestSchema:
     numeric_fields: tuple[str, ...]
     behaviour_fields: dict[str, bool]  # raw id field of a behaviour (scenario aside) → required
     item_field: str
+    feedback_field: str | None = None  # the behaviours' feedback field (a number or text); None without feedback
 
     @classmethod
     def from_meta(cls, meta: DatasetMeta, inputs: InputSchema) -> RequestSchema:
@@ -65,12 +69,14 @@ class RequestSchema:
             source = meta.feature(name).source
             ids[source] = ids.get(source, False) or source in (user, item)
         behaviours: dict[str, bool] = {}
+        feedback = None
         for name in inputs.sequence:
             spec = meta.feature(name)
             if spec.role == BEHAVIOUR_SCENARIO or spec.source == "":  # the behaviour's scenario field; no field
                 continue
             # feedback: its raw field (label, or the graded column) itself, optional (null = unknown)
             source = spec.source if spec.role == BEHAVIOUR_FEEDBACK else meta.feature(spec.source).source
+            feedback = source if spec.role == BEHAVIOUR_FEEDBACK else feedback
             behaviours[source] = behaviours.get(source, False) or source == item
         return cls(
             scenario_field=scenario.source,
@@ -79,6 +85,7 @@ class RequestSchema:
             numeric_fields=tuple(dict.fromkeys(meta.feature(name).source for name in inputs.dense)),
             behaviour_fields=behaviours,
             item_field=item,
+            feedback_field=feedback,
         )
 
 
@@ -186,6 +193,15 @@ def _check_id(value: Any, path: str, required: bool) -> int | str | None:
     raise RequestError(f"{path}: expected int or string, got {_describe(value)}")
 
 
+def _check_feedback(value: Any, path: str) -> int | float | str | None:
+    """A behaviour's feedback: an id-like value, or a graded number (a rating) as the log holds it."""
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise RequestError(f"{path}: expected a finite number, got {value}")
+        return value
+    return _check_id(value, path, required=False)
+
+
 def _check_number(value: Any, path: str) -> float | None:
     kind = type(value)
     if value is None:
@@ -259,8 +275,11 @@ def _behaviours(
         _object(behaviour, where(j))
     columns = {
         name: [_check_id(_field(b, name, where(j)), f"{where(j)}.{name}", required) for j, b in enumerate(history)]
-        for name, required in schema.behaviour_fields.items()
+        for name, required in schema.behaviour_fields.items() if name != schema.feedback_field
     }
+    if schema.feedback_field is not None:  # optional: absent = unknown
+        name = schema.feedback_field
+        columns[name] = [_check_feedback(b.get(name), f"{where(j)}.{name}") for j, b in enumerate(history)]
     scenario = _scenario_ids([_field(b, schema.scenario_field, where(j)) for j, b in enumerate(history)], schema,
                              lambda j: f"{where(j)}.{schema.scenario_field}")
     return columns, scenario
@@ -293,8 +312,15 @@ def arrow_rows(table: pa.Table | pa.RecordBatch, schema: RequestSchema, first_ro
 
     behaviours = {
         name: _arrow_ids(_struct_field(flat, name), behaviour_path(name), 0, required)
-        for name, required in schema.behaviour_fields.items()
+        for name, required in schema.behaviour_fields.items() if name != schema.feedback_field
     }
+    if schema.feedback_field is not None:
+        feedback = _struct_field(flat, schema.feedback_field)
+        behaviours[schema.feedback_field] = (
+            _arrow_numbers(feedback, behaviour_path(schema.feedback_field), 0, nulls=None)
+            if pa.types.is_floating(feedback.type)
+            else _arrow_ids(feedback, behaviour_path(schema.feedback_field), 0, required=False)
+        )
     behaviour_scenario = _arrow_scenarios(_struct_field(flat, schema.scenario_field), schema,
                                           behaviour_path(schema.scenario_field), 0)
     return RawRows(len(lengths), scenario, columns, behaviours, behaviour_scenario, offsets)
@@ -337,15 +363,20 @@ def _arrow_ids(array: pa.Array, path: str | Callable[[int], str], first_row: int
     return array.to_pylist()
 
 
-def _arrow_numbers(array: pa.Array, path: str, first_row: int) -> np.ndarray:
+def _arrow_numbers(array: pa.Array, path: str | Callable[[int], str], first_row: int, nulls: float | None = math.nan
+                   ) -> np.ndarray | list:
+    """float64 values with nulls as NaN; with `nulls=None` a list with None for nulls (feedback: null = unknown)."""
     kind = array.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
-        raise RequestError(f"{path.format(first_row)}: expected a number, got {kind} (the whole column)")
+        raise RequestError(f"{_located(path, first_row)}: expected a number, got {kind} (the whole column)")
     values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)  # nulls → NaN
-    bad = ~np.isfinite(values) & ~array.is_null().to_numpy(zero_copy_only=False)
+    null = array.is_null().to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(values) & ~null
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
-        raise RequestError(f"{path.format(first_row + index)}: expected a finite number, got {values[index]}")
+        raise RequestError(f"{_located(path, first_row + index)}: expected a finite number, got {values[index]}")
+    if nulls is None:
+        return [None if missing else value for value, missing in zip(values.tolist(), null.tolist())]
     return values
 
 
