@@ -55,7 +55,7 @@ class DenseStack(nn.Module):
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, pooled, dense):
         e = self.head.scenario_vectors(scenario)
         gated = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
-        interest = self.head.interest_padded(gated, mask, target, e, torch.arange(scenario.shape[0]))
+        interest, _ = self.head.interest_padded(gated, mask, target, e, torch.arange(scenario.shape[0]))
         return self.head(pooled, target, interest, dense, scenario, e)
 
 

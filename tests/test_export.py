@@ -80,15 +80,21 @@ def test_serving_model_equals_the_ranking_model(meta, batch, variant: str, path:
     serving = ServingModel(model, meta, {})
     inputs = batch_to_inputs(batch, input_schema(meta))
     with torch.no_grad():
-        expected, got = model(batch), serving(*inputs)
+        details, (got, attention) = model.details(batch), serving(*inputs)
+    expected = details.logits
     assert expected.std() > 0.1, "logits must vary across rows, or the comparison is weak"
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # each behaviour's weight: the training model's packed α, laid out per row as the program returns it
+    position = torch.arange(details.example.shape[0]) - (batch.hist_len.cumsum(0) - batch.hist_len)[details.example]
+    packed_as_rows = torch.zeros_like(attention).index_put_((details.example, position), details.attention)
+    assert details.attention.std() > 0.01 or variant == "shared", "weights must vary, or the comparison is weak"
+    torch.testing.assert_close(attention, packed_as_rows, rtol=0, atol=1e-5)
     # positions past hist_len are padding whatever ids they hold: fill them with real ids, same logits
     sparse, history, hist_len, scenario, dense, context = inputs
     padded = torch.arange(history.shape[-1]) >= hist_len[:, None, None]  # [B, 1, L]
     filled = torch.where(padded, torch.ones_like(history), history)
     with torch.no_grad():
-        torch.testing.assert_close(serving(sparse, filled, hist_len, scenario, dense, context), got, rtol=0, atol=0)
+        torch.testing.assert_close(serving(sparse, filled, hist_len, scenario, dense, context)[0], got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("path", list(SequencePath), ids=lambda p: p.value)
@@ -105,12 +111,12 @@ def test_serving_model_with_feedback_equals_the_ranking_model(feedback_examples,
     serving = ServingModel(model, meta, {})
     sparse, history, hist_len, scenario, dense, context = batch_to_inputs(batch, input_schema(meta))
     with torch.no_grad():
-        expected, got = model(batch), serving(sparse, history, hist_len, scenario, dense, context)
+        expected, got = model(batch), serving(sparse, history, hist_len, scenario, dense, context)[0]
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         row = input_schema(meta).sequence.index(meta.behaviour_feedback.name)
         flipped = history.clone()
         flipped[:, row] = torch.where(history[:, row] == 2, 3, 2)  # clicked ↔ skipped, padding stays padding
-        changed = serving(sparse, flipped, hist_len, scenario, dense, context)
+        changed = serving(sparse, flipped, hist_len, scenario, dense, context)[0]
     moved, has_history = (changed - got).abs() > 1e-6, hist_len > 0
     assert not moved[~has_history].any(), "a row without history has no feedback to see"
     assert moved[has_history].float().mean() > 0.9, "rows with a history must see their behaviours' feedback"
@@ -286,7 +292,7 @@ from msit_rec.serving.contract import Manifest
 manifest = Manifest.load(sys.argv[1])
 program = torch.export.load(sys.argv[1] + "/program.pt2").module()
 inputs = torch.load(sys.argv[2])
-torch.save([program(*[x[:b] for x in inputs]) for b in (1, 7, len(inputs[0]))], sys.argv[3])
+torch.save([program(*[x[:b] for x in inputs])[0] for b in (1, 7, len(inputs[0]))], sys.argv[3])
 print("tables", {{t.name: t.precision for t in manifest.tables}})
 """
 
@@ -328,7 +334,7 @@ def test_int8_artifact_parity_is_the_auc_of_its_scores(int8_artifact, run: Path,
         for test_batch in make_loader(ExamplesDataset(small_examples, "test", 1024)):
             real = test_batch.weight > 0
             columns["model"].append(model(test_batch)[real])
-            columns["artifact"].append(program(*batch_to_inputs(test_batch, manifest.inputs))[real])
+            columns["artifact"].append(program(*batch_to_inputs(test_batch, manifest.inputs))[0][real])
             columns["label"].append(test_batch.label[real])
             columns["scenario"].append(test_batch.scenario[real])
     model_logits, artifact_logits, label, scenario = (torch.cat(c).numpy() for c in columns.values())
@@ -409,5 +415,5 @@ def test_aoti_package_scores_like_the_eager_model(run: Path, batch, meta, tmp_pa
     with torch.no_grad():
         expected = eager_model(run)(batch)
         for rows in (1, 7, ROWS):
-            torch.testing.assert_close(package(*(x[:rows] for x in inputs)), expected[:rows], rtol=0, atol=1e-5)
+            torch.testing.assert_close(package(*(x[:rows] for x in inputs))[0], expected[:rows], rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "aoti" / "manifest.json").read_text())["aoti"] is True

@@ -371,7 +371,7 @@ class HeadStack(nn.Module):
         context = torch.arange(scenario.shape[0])
         gated = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
         e = self.head.scenario_vectors(scenario)  # [B, E]
-        interest = self.head.interest_padded(gated, mask, target, e, context)
+        interest, _ = self.head.interest_padded(gated, mask, target, e, context)
         return self.head(user, target, interest, dense, scenario, e)
 
 

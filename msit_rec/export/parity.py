@@ -59,7 +59,7 @@ class PairedLogits:
 
 
 def paired_logits(
-    model: nn.Module, program: Callable[..., torch.Tensor], batches: Iterable[Batch], schema: InputSchema,
+    model: nn.Module, program: Callable[..., tuple[torch.Tensor, ...]], batches: Iterable[Batch], schema: InputSchema,
     device: torch.device, max_rows: int | None = None, total: int | None = None, progress: bool = True,
 ) -> PairedLogits:
     """Feed every batch to both; keep real (weight > 0) rows, at most `max_rows` of them."""
@@ -72,7 +72,7 @@ def paired_logits(
                 break
             batch = batch.to(device)
             expected = model(batch)  # [B]
-            got = program(*batch_to_inputs(batch, schema))  # [B]
+            got = program(*batch_to_inputs(batch, schema))[0]  # [B]
             real = batch.weight > 0
             columns = (expected[real], got[real], batch.label[real], batch.scenario[real])
             if max_rows is not None:

@@ -36,8 +36,9 @@ def compile_aoti(program: torch.export.ExportedProgram, path: Path) -> None:
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-def load_program(path: Path) -> Callable[..., torch.Tensor]:
-    """A callable `(sparse, history, hist_len, scenario, dense, context) → logits [B]` from a program file."""
+def load_program(path: Path) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """A callable `(sparse, history, hist_len, scenario, dense, context) → (logits [B], attention [B, L])` from a
+    program file."""
     path = Path(path)
     if path.name.endswith("_aoti.pt2"):
         return torch._inductor.aoti_load_package(str(path))

@@ -64,8 +64,8 @@ def bag_feature_order(embeddings: BatchEmbeddings) -> list[str]:
 
 
 class ServingModel(nn.Module):
-    """Logits [B] of B rows over C contexts: (sparse [B, Fs], history [C, K, L], hist_len [C], scenario [C],
-    dense [B, Fd], context [B]) — see msit_rec/serving/contract.py."""
+    """(logits [B], attention [B, L]) of B rows over C contexts: (sparse [B, Fs], history [C, K, L], hist_len [C],
+    scenario [C], dense [B, Fd], context [B]) — see msit_rec/serving/contract.py."""
 
     def __init__(self, model: RankingModel, meta: DatasetMeta, precision: dict[str, Precision]) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class ServingModel(nn.Module):
         scenario: torch.Tensor,  # [C] int64
         dense: torch.Tensor,  # [B, Fd] float32
         context: torch.Tensor,  # [B] int64, the context of each row
-    ) -> torch.Tensor:  # [B] logits
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B], each behaviour's attention weight α [B, L]
         batch = sparse.shape[0]
         pooled = (
             torch.cat([self.tables[table](sparse[:, column]) for table, column in self.bag_columns], dim=-1)
@@ -128,5 +128,5 @@ class ServingModel(nn.Module):
         # per row: its context's scenario and behaviours
         scenario = scenario.index_select(0, context)  # [B]
         scenario_emb = self.head.scenario_vectors(scenario)  # [B, E]
-        interest = self.head.interest_padded(behaviours, mask, target, scenario_emb, context)  # [B, D]
-        return self.head(pooled, target, interest, dense, scenario, scenario_emb)
+        interest, weights = self.head.interest_padded(behaviours, mask, target, scenario_emb, context)  # [B, D]
+        return self.head(pooled, target, interest, dense, scenario, scenario_emb), weights

@@ -100,10 +100,12 @@ class RankingHead(nn.Module):
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None,  # [B, E]
         context: torch.Tensor,  # [B] int64, each row's context
-    ) -> torch.Tensor:  # [B, D]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], each behaviour's weight α [B, L] (0 on padding)
+        """The interest of each row and the weight of each of its context's behaviours in it (1 under sum pooling):
+        what serving returns per candidate, as `attention_packed` does for training."""
         if self.attention is not None:
-            return self.attention(behaviours, target, mask, self._attention_scenario(scenario_emb), context)
-        return behaviours.sum(dim=1).index_select(0, context)
+            return self.attention.pool_padded(behaviours, target, mask, self._attention_scenario(scenario_emb), context)
+        return behaviours.sum(dim=1).index_select(0, context), mask.to(behaviours.dtype).index_select(0, context)
 
     def forward(
         self,

@@ -68,13 +68,18 @@ class RankingArtifact:
         naming the input and feature: the program does not bounds-check its lookups (the AOTInductor package would
         read out of bounds). Inputs made by `encode` are in range by construction, so its callers skip the check.
         """
+        return self.outputs(inputs, check)[0]
+
+    def outputs(self, inputs: ProgramInputs, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B], attention [B, L]) float32 on the host: each row's weight of each of its context's behaviours
+        (0 on padding); attention is None for an artifact exported before the program returned it (version 2)."""
         if check:
             check_ranges(inputs, self.meta, self.manifest)
         with torch.inference_mode():
             out = self.program(*(inputs if self.device is None else inputs.to(self.device)).args())
-            if isinstance(out, (list, tuple)):  # AOTInductor returns the flat outputs
-                out = out[0]
-            return out.float().cpu()
+        out = out if isinstance(out, (list, tuple)) else (out,)  # version 2 programs return the logits alone
+        attention = out[1].float().cpu() if self.manifest.has_attention else None
+        return out[0].float().cpu(), attention
 
     def scores(self, inputs: ProgramInputs) -> torch.Tensor:
         """Click probabilities [B] (sigmoid of the logits)."""

@@ -8,8 +8,9 @@ An artifact is a directory:
     dataset.json         the DatasetMeta the model was trained on (feature spec, scenarios, numeric stats)
     vocab/*.parquet      the vocabularies dataset.json names (columns raw, index, count)
 
-The program takes plain tensors, positionally in `INPUT_NAMES` order, and returns logits float32 [B] for B rows
-that share C user contexts (a context = a behaviour history and the scenario it is served in; a /rank request is one
+The program takes plain tensors, positionally in `INPUT_NAMES` order, and returns (logits float32 [B], attention
+float32 [B, L]: the weight α of each of the row's context's behaviours in its interest, 0 on padding, 1 on real
+behaviours under sum pooling; artifact version 2 returned the logits alone) for B rows that share C user contexts (a context = a behaviour history and the scenario it is served in; a /rank request is one
 context and B candidates, a `predict` file has one context per row):
 
     sparse    int64   [B, Fs]     encoded ids of `inputs.sparse` (dataset.json's sparse features, in that order)
@@ -35,7 +36,8 @@ from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import DataError
 from msit_rec.fit_config import ModelConfig
 
-ARTIFACT_VERSION = 2  # 2: per-context history/hist_len/scenario + `context` input
+ARTIFACT_VERSION = 3  # 2: per-context history/hist_len/scenario + `context` input; 3: + the attention output
+OLDEST_ARTIFACT_VERSION = 2  # still served (logits only: no behaviours per candidate)
 MANIFEST_FILE = "manifest.json"
 PROGRAM_FILE = "program.pt2"
 AOTI_FILE = "program_aoti.pt2"
@@ -121,4 +123,9 @@ class Manifest:
         if not path.is_file():
             raise DataError(f"{artifact_dir}: no {MANIFEST_FILE}; give a directory written by `msit-rec export`")
         return load_versioned_json(path, cls, "artifact_version", ARTIFACT_VERSION,
-                                   "artifact manifest")
+                                   "artifact manifest", oldest=OLDEST_ARTIFACT_VERSION)
+
+    @property
+    def has_attention(self) -> bool:
+        """The program returns each behaviour's attention weight beside the logits (version 3 on)."""
+        return self.artifact_version >= 3
