@@ -339,6 +339,37 @@ def test_rank_returns_the_candidates_sorted_with_predict_scores(decoded: dict, a
     assert status == 200 and health["status"] == "ok" and health["scenarios"] == decoded["meta"].scenarios
 
 
+def test_rank_returns_each_candidates_top_behaviours_with_the_programs_weights(decoded: dict, artifact,
+                                                                             server) -> None:
+    """`top_behaviours: k`: per candidate, the k behaviours of the history as sent with the largest attention weight
+    (the program's α for that candidate, parity with the eager model: tests/test_export.py), indexed into the sent
+    history — longer than max_len here, so the oldest were dropped and the indices are offset."""
+    records = decoded["records"]
+    row = next(r for r in range(len(records) - 20) if len(records[r]["history"]) >= 4)
+    body = {**rank_body(decoded, row, 12), "top_behaviours": 3}
+    status, payload = call(server, "POST", "/rank", body)
+    assert status == 200, payload
+    rows = [{**body["context"], **c, "scenario": body["scenario"], "history": body["history"]} for c in body["candidates"]]
+    encoded = artifact.encode(record_rows(rows, artifact.encoder.schema))  # each candidate its own context
+    _, attention = artifact.outputs(encoded.inputs)
+    sent, kept = len(body["history"]), int(encoded.inputs.hist_len[0])
+    assert sent > kept == artifact.manifest.inputs.max_len
+    for item in payload["items"]:
+        weights = attention[item["index"], :kept].tolist()
+        ranked = sorted(range(kept), key=lambda p: (-weights[p], -p))[:3]  # ties: the more recent first
+        assert [b["index"] for b in item["behaviours"]] == [sent - kept + p for p in ranked]
+        assert [b["weight"] for b in item["behaviours"]] == pytest.approx([weights[p] for p in ranked], abs=1e-6)
+        for behaviour in item["behaviours"]:
+            sent_behaviour = body["history"][behaviour["index"]]
+            assert (behaviour["item_id"], behaviour["scenario"]) == (sent_behaviour["item_id"], sent_behaviour["scenario"])
+    assert len({tuple(b["index"] for b in item["behaviours"]) for item in payload["items"]}) > 1  # per candidate
+    plain = call(server, "POST", "/rank", {**body, "top_behaviours": 0})[1]
+    assert all("behaviours" not in item for item in plain["items"])
+    for bad in ("3", -1, True, 2.5):
+        status, payload = call(server, "POST", "/rank", {**body, "top_behaviours": bad})
+        assert status == 400 and payload["error"].startswith("top_behaviours: expected an int ≥ 0"), payload
+
+
 @pytest.mark.parametrize("change,message", BAD_REQUESTS[:6], ids=[m.split(":")[0] for _, m in BAD_REQUESTS[:6]])
 def test_invalid_requests_are_400_naming_the_field(decoded: dict, server, change, message: str) -> None:
     body = rank_body(decoded, 10, 6)

@@ -34,6 +34,7 @@ from msit_rec.errors import DataError
 from msit_rec.serving.contract import InputSchema
 
 HISTORY = "history"
+TOP_BEHAVIOURS = "top_behaviours"  # /rank option: per candidate, the k behaviours with the largest attention weight
 Column = list | np.ndarray  # one raw field: values per row (None = null), or an int64/float64 array
 _MISSING = object()
 _ID_TYPES = frozenset({int, str})  # bool is not an id: type(True) is bool, not int
@@ -111,9 +112,10 @@ def rank_request_rows(body: Any, schema: RequestSchema) -> RawRows:
     Candidate fields override context fields; a field no candidate carries is encoded once, from the context.
     """
     body = _object(body, "request body")
-    unknown = sorted(set(body) - {"scenario", "context", HISTORY, "candidates"})
+    unknown = sorted(set(body) - {"scenario", "context", HISTORY, "candidates", TOP_BEHAVIOURS})
     if unknown:
-        raise RequestError(f"{unknown[0]}: unknown field; a request has scenario, context, history, candidates")
+        raise RequestError(f"{unknown[0]}: unknown field; a request has scenario, context, history, candidates "
+                           f"(and optionally {TOP_BEHAVIOURS})")
     scenario = _scenario_ids([_field(body, "scenario", "")], schema, lambda i: "scenario")
     context = _object(body.get("context", {}), "context")
     candidates = body.get("candidates", _MISSING)

@@ -1,8 +1,11 @@
 """`msit-rec serve`: a small HTTP JSON service around an artifact (stdlib `http.server`; orjson parses and answers /rank).
 
-    POST /rank     {"scenario": s, "context": {user fields}, "history": [behaviours], "candidates": [{item fields}]}
+    POST /rank     {"scenario": s, "context": {user fields}, "history": [behaviours], "candidates": [{item fields}],
+                    "top_behaviours": k (optional, default 0)}
                    → {"scenario": s, "items": [{"index": i, "item_id": ..., "score": p}, ...] (score descending),
-                      "oov": {feature: ids encoded as OOV}}
+                      "oov": {feature: ids encoded as OOV}}; with k > 0 each item also has "behaviours": the k
+                      behaviours of the history with the largest attention weight for that candidate,
+                      [{"index": j (into the history sent), "item_id", "scenario", "weight"}, ...]
     GET  /health   status and what the artifact is
     GET  /metrics  requests by status, OOV ids per feature, latency percentiles, batching, dropped connections
 
@@ -35,9 +38,11 @@ import torch
 
 from msit_rec.serving.artifact import RankingArtifact
 from msit_rec.serving.batcher import MicroBatcher
-from msit_rec.serving.request import HISTORY, RequestError, rank_request_rows
+from msit_rec.serving.program_inputs import ProgramInputs
+from msit_rec.serving.request import HISTORY, TOP_BEHAVIOURS, RequestError, rank_request_rows
 from msit_rec.serving.serve_config import ServeConfig
 from msit_rec.serving.server_metrics import ServerMetrics
+from msit_rec.serving.top_behaviours import top_behaviours
 
 log = logging.getLogger("msit_rec.serve")
 
@@ -66,8 +71,7 @@ class RankingService:
         self.config = config
         self.metrics = ServerMetrics()
         self.batcher = MicroBatcher(
-            lambda inputs: artifact.logits(inputs, check=False),  # encoded requests only: ids in range
-            config.max_batch_rows, config.batch_wait_ms / 1000.0, self.metrics.record_batch
+            self._model_outputs, config.max_batch_rows, config.batch_wait_ms / 1000.0, self.metrics.record_batch
         )
         self.started = time.time()
 
@@ -77,25 +81,54 @@ class RankingService:
             request = self._parse(body)
             self._check_sizes(request)
             rows = rank_request_rows(request, self.artifact.encoder.schema)
+            top = self._top_behaviours(request)
         except Refused as exc:
             return exc.status, {"error": str(exc)}
         except RequestError as exc:
             return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
         encoded = self.artifact.encode(rows)
-        scores = torch.sigmoid(self.batcher.submit(encoded.inputs))  # [B]
+        outputs = self.batcher.submit(encoded.inputs)  # [B, 1 (+ L)]: the logit, then each behaviour's weight
         self.metrics.record_rows(rows.size, encoded.oov)
         oov = {name: count for name, count in encoded.oov.items() if count}
-        return HTTPStatus.OK, self._ranking_json(request, scores, oov)
+        behaviours = None
+        if top:
+            kept = encoded.inputs.hist_len.expand(rows.size)  # [B]: one context
+            sent = torch.full_like(kept, len(request.get(HISTORY) or []))
+            behaviours = top_behaviours(outputs[:, 1:], kept, sent, top)
+        return HTTPStatus.OK, self._ranking_json(request, torch.sigmoid(outputs[:, 0]), oov, behaviours)
 
-    def _ranking_json(self, request: dict[str, Any], scores: torch.Tensor, oov: dict[str, int]) -> bytes:
+    def _model_outputs(self, inputs: ProgramInputs) -> torch.Tensor:
+        """[B, 1 + L] logits then attention weights ([B, 1] for an artifact without them): one tensor, so that the
+        micro-batcher slices and joins rows of both alike. Encoded requests only: ids in range, no check."""
+        logits, attention = self.artifact.outputs(inputs, check=False)
+        return logits[:, None] if attention is None else torch.cat([logits[:, None], attention], dim=1)
+
+    def _top_behaviours(self, request: dict[str, Any]) -> int:
+        value = request.get(TOP_BEHAVIOURS, 0)
+        if type(value) is not int or value < 0:
+            raise RequestError(f"{TOP_BEHAVIOURS}: expected an int ≥ 0, got {value!r}")
+        if value and not self.artifact.manifest.has_attention:
+            raise RequestError(f"{TOP_BEHAVIOURS}: this artifact (version {self.artifact.manifest.artifact_version}) "
+                               "does not return attention weights; export it again with this msit-rec")
+        return value
+
+    def _ranking_json(self, request: dict[str, Any], scores: torch.Tensor, oov: dict[str, int],
+                      behaviours: list[list[tuple[int, float]]] | None) -> bytes:
         """`{"scenario", "items" (score descending), "oov"}` as JSON text. orjson, not json: encoding holds the
         interpreter lock throughout, and other requests wait (10,000 items: json ~8 ms, orjson ~0.4 ms)."""
-        item_field = self.artifact.encoder.schema.item_field
-        fallback = request.get("context", {}).get(item_field)
+        schema = self.artifact.encoder.schema
+        fallback = request.get("context", {}).get(schema.item_field)
         candidates = request["candidates"]
         order = np.argsort(-scores.numpy(), kind="stable").tolist()  # ties keep request order
         values = scores.tolist()
-        items = [{"index": i, "item_id": candidates[i].get(item_field, fallback), "score": values[i]} for i in order]
+        items = [{"index": i, "item_id": candidates[i].get(schema.item_field, fallback), "score": values[i]}
+                 for i in order]
+        if behaviours is not None:
+            history = request.get(HISTORY) or []
+            described = [{"index": j, "item_id": history[j].get(schema.item_field),
+                          "scenario": history[j][schema.scenario_field]} for j in range(len(history))]
+            for item in items:
+                item["behaviours"] = [dict(described[j], weight=w) for j, w in behaviours[item["index"]]]
         return orjson.dumps({"scenario": request["scenario"], "items": items, "oov": oov})
 
     def _parse(self, body: bytes) -> Any:
