@@ -159,6 +159,9 @@ def _add_serving_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--artifact", required=True, type=Path, help="artifact directory of `msit-rec export`")
     predict.add_argument("--input", required=True, type=Path, help="raw rows: .parquet or .jsonl (request schema)")
     predict.add_argument("--out", required=True, type=Path, help="the rows + logit, score: .parquet or .jsonl")
+    predict.add_argument("--top_behaviours", type=int, default=defaults.TOP_BEHAVIOURS,
+                         help="also write each row's K behaviours with the largest attention weight, as "
+                              "top_behaviours: [{index (into its history), weight}] (default: %(default)s)")
     predict.add_argument("--batch_size", type=int, default=defaults.PREDICT_BATCH_ROWS,
                          help="rows per model call (default: %(default)s)")
     _add_backend(predict)
@@ -295,7 +298,7 @@ def run_predict(args: argparse.Namespace) -> None:
     tune_glibc_malloc()
     artifact = load_artifact(args.artifact, backend=args.backend, threads=args.threads)
     summary = predict_file(artifact, args.input, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           progress=not args.quiet, top_behaviours=args.top_behaviours)
     print(summary.table())
     print(f"scores written to {args.out} (columns logit, score; backend {artifact.backend})")
 

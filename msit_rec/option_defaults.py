@@ -20,3 +20,4 @@ PRECISION = "fp32"  # table storage of an exported artifact
 BACKEND = "auto"  # serving program: the AOTInductor package when present, else the torch.export program
 BACKENDS = ("auto", "export", "aoti")
 REQUEST_ROWS = 20  # requests written by `msit-rec requests`
+TOP_BEHAVIOURS = 0  # behaviours with the largest attention weight returned per scored row (0: none)

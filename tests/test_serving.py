@@ -209,6 +209,37 @@ def test_predict_scores_equal_the_eager_model(decoded: dict, exported: dict, tmp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("bad_scored", "mixed"))) == []
 
 
+def test_predict_writes_each_rows_top_behaviours(decoded: dict, exported: dict, artifact, tmp_path: Path) -> None:
+    """`predict --top_behaviours 2`: each row's 2 behaviours with the largest weight of the program's attention,
+    indexed into that row's history (longer than max_len for some rows), in JSON lines and Parquet alike."""
+    from msit_rec.cli import main
+
+    records = [dict(r, history=[{"item_id": 5, "item_cat": 3, "scenario": "home"}, *r["history"]])
+               for r in decoded["records"][:200]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["predict", "--artifact", str(exported["artifact"]), "--quiet", "--top_behaviours", "2"]
+    assert main([*common, "--input", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "top.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
+    encoded = artifact.encode(record_rows(records, artifact.encoder.schema))
+    _, attention = artifact.outputs(encoded.inputs)
+    longer = 0
+    for row, (record, line) in enumerate(zip(records, lines)):
+        sent, kept = len(record["history"]), int(encoded.inputs.hist_len[row])
+        longer += sent > kept
+        weights = attention[row, :kept].tolist()
+        ranked = sorted(range(kept), key=lambda p: (-weights[p], -p))[:2]
+        assert [b["index"] for b in line["top_behaviours"]] == [sent - kept + p for p in ranked]
+        assert [b["weight"] for b in line["top_behaviours"]] == pytest.approx([weights[p] for p in ranked], abs=1e-6)
+    assert longer > 0 and sum(len(line["top_behaviours"]) == 2 for line in lines) > 100
+    parquet_rows = [dict(r, brand=None if r["brand"] is None else int(r["brand"])) for r in records]
+    pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "rows.parquet")
+    assert main([*common, "--input", str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "top.parquet")]) == 0
+    assert pq.read_table(tmp_path / "top.parquet").column("top_behaviours").to_pylist() == [
+        [{"index": b["index"], "weight": pytest.approx(b["weight"], abs=1e-6)} for b in line["top_behaviours"]]
+        for line in lines
+    ]
+
+
 def test_a_failed_predict_leaves_the_previous_output_and_no_temporary_file(decoded: dict, exported: dict,
                                                                            tmp_path: Path) -> None:
     from msit_rec.cli import main

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tqdm.auto import tqdm
 
 from msit_rec import option_defaults as defaults
@@ -24,10 +25,13 @@ from msit_rec.errors import ConfigError, DataError
 from msit_rec.outputs import staged_file
 from msit_rec.serving.artifact import RankingArtifact
 from msit_rec.serving.request import RawRows, RequestError, arrow_rows, record_rows
+from msit_rec.serving.top_behaviours import top_behaviours as ranked_behaviours
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-OUTPUT_COLUMNS = ("logit", "score")
+TOP_COLUMN = "top_behaviours"  # with --top_behaviours k: [{index (into the row's history), weight}], largest first
+OUTPUT_COLUMNS = ("logit", "score", TOP_COLUMN)
+TOP_TYPE = pa.list_(pa.struct([("index", pa.int64()), ("weight", pa.float64())]))
 
 
 @dataclass
@@ -62,11 +66,19 @@ def predict_file(
     batch_size: int = defaults.PREDICT_BATCH_ROWS,
     overwrite: bool = False,
     progress: bool = True,
+    top_behaviours: int = defaults.TOP_BEHAVIOURS,
 ) -> PredictSummary:
+    """Score every row of `input_path` into `out_path` (the rows + logit, score; with `top` > 0 also each row's
+    `top_behaviours` behaviours with the largest attention weight)."""
     input_path, out_path = Path(input_path), Path(out_path)
     in_format, out_format = file_format(input_path, "--input"), file_format(out_path, "--out")
     if batch_size < 1:
         raise ConfigError(f"--batch_size {batch_size}: expected ≥ 1")
+    if top_behaviours < 0:
+        raise ConfigError(f"--top_behaviours {top_behaviours}: expected ≥ 0")
+    if top_behaviours and not artifact.manifest.has_attention:
+        raise ConfigError(f"--top_behaviours: this artifact (version {artifact.manifest.artifact_version}) does not "
+                          "return attention weights; export it again with this msit-rec")
     if not input_path.is_file():
         raise DataError(f"--input {input_path}: no such file")
     if out_path.resolve() == input_path.resolve():
@@ -83,8 +95,10 @@ def predict_file(
         try:
             for raw, table in _batches(input_path, in_format, artifact, batch_size):
                 encoded = artifact.encode(raw)
-                logits = artifact.logits(encoded.inputs, check=False)  # [B]: the encoder keeps ids in range
-                writer.write(table, logits.numpy(), (1.0 / (1.0 + (-logits.double()).exp())).numpy())
+                logits, attention = artifact.outputs(encoded.inputs, check=False)  # the encoder keeps ids in range
+                kept = encoded.inputs.hist_len[encoded.inputs.context]  # [B]
+                top_rows = _top_rows(raw, kept, attention, top_behaviours) if top_behaviours else None
+                writer.write(table, logits.numpy(), (1.0 / (1.0 + (-logits.double()).exp())).numpy(), top_rows)
                 oov.update(encoded.oov)
                 rows += raw.size
                 bar.update(raw.size)
@@ -95,6 +109,13 @@ def predict_file(
             raise
         writer.close()
     return PredictSummary(rows, time.perf_counter() - start, oov)
+
+
+def _top_rows(raw: RawRows, kept: Any, attention: Any, top: int) -> list[list[dict[str, Any]]]:
+    """Per row (its own context): its `top` behaviours by attention weight, indexed into its history as sent."""
+    sent = torch.from_numpy(raw.history_offsets[1:] - raw.history_offsets[:-1])  # [B] behaviours each row sent
+    return [[{"index": j, "weight": w} for j, w in row]
+            for row in ranked_behaviours(attention, kept, sent.expand(raw.size), top)]
 
 
 def _batches(
@@ -142,17 +163,20 @@ class _Writer:
         self._tables: list[pa.Table] = []  # JSON rows → Parquet: schemas are unified once at the end
         self._text = open(path, "w", encoding="utf-8") if out_format == "jsonl" else None  # noqa: SIM115 (closed in close())
 
-    def write(self, rows: pa.RecordBatch | list[dict[str, Any]], logits: Any, scores: Any) -> None:
+    def write(self, rows: pa.RecordBatch | list[dict[str, Any]], logits: Any, scores: Any,
+              top: list[list[dict[str, Any]]] | None = None) -> None:
         if self._text is not None:
             records = rows.to_pylist() if isinstance(rows, pa.RecordBatch) else rows
-            for record, logit, score in zip(records, logits.tolist(), scores.tolist()):
-                record = {**record, "logit": logit, "score": score}
+            for i, (record, logit, score) in enumerate(zip(records, logits.tolist(), scores.tolist())):
+                record = {**record, "logit": logit, "score": score, **({TOP_COLUMN: top[i]} if top is not None else {})}
                 self._text.write(json.dumps(record, default=str) + "\n")
             return
         table = pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else _json_table(rows)
         table = table.drop_columns([c for c in OUTPUT_COLUMNS if c in table.column_names])
         table = table.append_column("logit", pa.array(logits, pa.float32()))
         table = table.append_column("score", pa.array(scores, pa.float64()))
+        if top is not None:
+            table = table.append_column(TOP_COLUMN, pa.array(top, TOP_TYPE))
         if isinstance(rows, list):
             self._tables.append(table)
             return
