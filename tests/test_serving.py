@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from msit_rec.data.spec import OOV_INDEX, FeatureSpec
-from msit_rec.errors import DataError
+from msit_rec.errors import ConfigError, DataError
 from msit_rec.export.inputs import input_schema
 from msit_rec.serving.contract import InputSchema
 from msit_rec.serving.encoder import IdEncoder, RequestEncoder
@@ -536,3 +536,34 @@ def test_encoder_reproduces_graded_feedback_sent_as_numbers(shared_data: Path, t
     table = pa.Table.from_pylist(as_text)
     assert pa.types.is_floating(table.schema.field("history").type.value_type.field("rating").type)
     np.testing.assert_array_equal(encoder.encode(arrow_rows(table, encoder.schema)).inputs.history.numpy(), expected)
+
+
+def test_a_version_2_artifact_still_scores_but_has_no_behaviour_weights(decoded: dict, exported: dict,
+                                                                       tmp_path: Path) -> None:
+    """Artifacts exported before the program returned attention (version 2) load and rank; asking them for
+    top behaviours is a clear 400 / error, not a crash."""
+    import shutil
+
+    from msit_rec.serving.artifact import load_artifact
+    from msit_rec.serving.predict import predict_file
+    from msit_rec.serving.server import RankingService, ServeConfig
+
+    old = tmp_path / "v2"
+    shutil.copytree(exported["artifact"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "artifact_version": 2}))
+    artifact = load_artifact(old, backend="export")
+    assert not artifact.manifest.has_attention and artifact.outputs(
+        artifact.encode(record_rows(decoded["records"][:5], artifact.encoder.schema)).inputs)[1] is None
+    service = RankingService(artifact, ServeConfig())
+    try:
+        body = rank_body(decoded, 3, 4)
+        status, payload = service.rank(json.dumps(body).encode())
+        assert status == 200 and len(json.loads(payload)["items"]) == 4
+        status, payload = service.rank(json.dumps({**body, "top_behaviours": 2}).encode())
+        assert status == 400 and "version 2" in payload["error"] and "export it again" in payload["error"]
+    finally:
+        service.close()
+    (tmp_path / "rows.jsonl").write_text(json.dumps(decoded["records"][0]) + "\n")
+    with pytest.raises(ConfigError, match="does not return attention weights"):
+        predict_file(artifact, tmp_path / "rows.jsonl", tmp_path / "out.jsonl", top_behaviours=1, progress=False)
