@@ -54,8 +54,8 @@ class DenseStack(nn.Module):
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, pooled, dense):
         e = self.head.scenario_vectors(scenario)
-        gated = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
-        interest, _ = self.head.interest_padded(gated, mask, target, e, torch.arange(scenario.shape[0]))
+        gate = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
+        interest, _ = self.head.interest_padded(behaviours, mask, target, e, torch.arange(scenario.shape[0]), gate)
         return self.head(pooled, target, interest, dense, scenario, e)
 
 

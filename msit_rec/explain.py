@@ -10,8 +10,8 @@ variant (`shared` sums its behaviours) and measures what the model *uses*. Only 
 scored again: a row without a behaviour from t keeps its logit exactly (tested), and mean |Δ logit| over s's rows
 counts it as 0.
 
-Gate and attention, from the original pass (variants that have them): per (s, t), the mean gate activation of the
-behaviours from t in rows served in s, and their share of those rows' attention mass Σ|α|. Per served scenario and
+Gate and attention, from the original pass (variants that have them): per (s, t), the mean gate value (transfer weight g) of
+the behaviours from t in rows served in s, and their share of those rows' attention mass Σ|α|. Per served scenario and
 sequence feature (items, categories...), the behaviours with the largest mean α among those seen at least
 MIN_OCCURRENCES times, decoded to raw ids through the dataset's vocabularies.
 
@@ -108,7 +108,7 @@ class Explanation:
     scenarios: list[str]
     transfer: Transfer
     behaviours: dict[str, dict[str, int]]  # behaviours from the source in rows served in the scenario
-    gate: dict[str, dict[str, float | None]] | None  # mean gate activation; None: the variant has no gate
+    gate: dict[str, dict[str, float | None]] | None  # mean transfer weight g; None: the variant has no gate
     attention: dict[str, dict[str, float | None]] | None  # share of Σ|α|; None: sum pooling (every α is 1)
     min_occurrences: int
     top: dict[str, dict[str, list[TopBehaviour]]] | None  # served → sequence feature → top; None without attention
@@ -183,7 +183,7 @@ class BehaviourTotals:
     def __init__(self, num_scenarios: int, tracked: dict[str, int]) -> None:
         cells = num_scenarios * num_scenarios
         self.count = torch.zeros(cells, dtype=torch.int64)  # [S·S] behaviours, cell = s·S + t
-        self.gate = torch.zeros(cells, dtype=torch.float64)  # [S·S] Σ mean gate activation
+        self.gate = torch.zeros(cells, dtype=torch.float64)  # [S·S] Σ transfer weight g
         self.attention = torch.zeros(cells, dtype=torch.float64)  # [S·S] Σ |α|
         self.cardinality = tracked  # feature → table rows
         empty_key, empty_pairs = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64)
@@ -336,7 +336,7 @@ def _matrix(values: torch.Tensor, scenarios: list[str]) -> dict[str, dict[str, f
 
 
 def gate_means(totals: BehaviourTotals, scenarios: list[str]) -> dict[str, dict[str, float | None]]:
-    """Mean gate activation of the behaviours from t in rows served in s (0/0 = NaN → None: no such behaviour)."""
+    """Mean transfer weight g of the behaviours from t in rows served in s (0/0 = NaN → None: no such behaviour)."""
     return _matrix(totals.gate / totals.count, scenarios)
 
 

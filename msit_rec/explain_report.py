@@ -164,11 +164,12 @@ def write_explain_report(explanation: Explanation, out_dir: Path) -> list[Path]:
                      "Behaviours in the histories of the explained rows, by where they happened."),
     ]
     if explanation.gate is not None:
-        plots.append(plot_heatmap(explanation.gate, "mean gate activation", "mean σ", out_dir / GATE_PLOT))
+        plots.append(plot_heatmap(explanation.gate, "mean transfer weight g", "mean g", out_dir / GATE_PLOT))
         sections.append(matrix_table(
             "Scenario gate", explanation.gate, lambda v: _fixed(v, 3),
-            "Mean over the behaviours from the column's scenario in rows served in the row's scenario of the gate "
-            "σ(W_s [b_j; e(s_j)] + c_s), averaged over its D elements: how much of a behaviour passes.",
+            "Mean over the behaviours from the column's scenario in rows served in the row's scenario of the "
+            "transfer weight g = 2σ(w_s·b_j + a_s·e(s_j) + c_s) that multiplies their attention weight: 1 is "
+            "neutral (a fresh gate), above 1 the served scenario counts them more, below less.",
         ))
     if explanation.attention is not None:
         plots.append(plot_heatmap(explanation.attention, "share of attention mass Σ|α|", "share",

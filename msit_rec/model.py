@@ -27,8 +27,8 @@ class BehaviourDetails:
 
     logits: torch.Tensor  # [B]
     example: torch.Tensor  # [N] int64, the row each behaviour belongs to
-    gate: torch.Tensor | None  # [N] mean over D of the behaviour gate σ(·); None for variants without a gate
-    attention: torch.Tensor  # [N] α_j, each behaviour's weight in its row's interest (1 under sum pooling)
+    gate: torch.Tensor | None  # [N] g_j, each behaviour's transfer weight in (0, 2); None for variants without a gate
+    attention: torch.Tensor  # [N] α_j·g_j, each behaviour's weight in its row's interest (α = 1 under sum pooling)
 
 
 class RankingModel(nn.Module):
@@ -65,14 +65,12 @@ class RankingModel(nn.Module):
         )
         scenario_emb = self.head.scenario_vectors(batch.scenario)  # [B, E]
         gate = None
+        weights = self.head.attention_packed(behaviours, example, target, scenario_emb)  # [N]
         if self.head.gate is not None:
             own = batch.sequence[self.behaviour_scenario].values()  # [N]
             feedback = batch.sequence[self.behaviour_feedback].values() if self.behaviour_feedback else None  # [N]
-            gate = self.head.gate_packed(behaviours, own, batch.scenario.index_select(0, example), feedback)  # [N, D]
-            behaviours = gate * behaviours
-        weights = self.head.attention_packed(behaviours, example, target, scenario_emb)  # [N]
+            gate = self.head.gate_packed(behaviours, own, batch.scenario.index_select(0, example), feedback)  # [N]
+            weights = weights * gate
         interest = pool_packed(weights, behaviours, example, batch.batch_size)  # [B, D]
         logits = self.head(pooled, target, interest, batch.dense, batch.scenario, scenario_emb)
-        if not keep:
-            return BehaviourDetails(logits, example, None, weights)
-        return BehaviourDetails(logits, example, gate.mean(dim=1) if gate is not None else None, weights)
+        return BehaviourDetails(logits, example, gate if keep else None, weights)

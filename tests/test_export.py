@@ -62,14 +62,15 @@ def batch(small_examples: Path) -> Batch:
 
 
 def trained_like(meta: DatasetMeta, variant: str, path: SequencePath) -> RankingModel:
-    """A model whose tables hold N(0, 0.5²) rows (row 0 too) and whose dense weights are doubled, so that every
-    input moves the logits (a fresh model's barely depend on the tables) and a wrong lookup cannot hide."""
+    """A model whose tables hold N(0, 0.5²) rows (row 0 too) and whose dense weights are doubled (the gate's, zero
+    when fresh, drawn like the tables), so that every input moves the logits (a fresh model's barely depend on the
+    tables) and a wrong lookup cannot hide."""
     torch.manual_seed(0)
     model = RankingModel(meta, ModelConfig(variant=variant, attention_hidden=[8], tower_hidden=[16, 8],
                                            sequence_path=path), device=CPU)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.normal_(0.0, 0.5) if name.startswith("embeddings.") else param.mul_(2.0)
+            param.normal_(0.0, 0.5) if name.startswith(("embeddings.", "head.gate.")) else param.mul_(2.0)
     return model.eval()
 
 

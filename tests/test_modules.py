@@ -47,18 +47,15 @@ def _inputs(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
 
 
 def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None):
-    """Per behaviour: σ([b_j ; e(s_j)] · W_s + c_s [+ U_s[s_j, v_j]]) ⊙ b_j with W_s the concatenated weight of the
-    served scenario and U_s its (own scenario, feedback) table."""
-    full = torch.cat([gate.behaviour_weight, gate.scenario_weight], dim=1)  # [S, D+E, D]
-    out = torch.empty_like(b)
+    """Per behaviour: 2σ(w_s·b_j + a_s·e(s_j) + c_s [+ U_s[s_j, v_j]]) with the served scenario's weights."""
+    out = torch.empty(b.shape[:2], dtype=b.dtype)
     for i in range(b.shape[0]):
         k = int(s[i])
         for j in range(b.shape[1]):
-            x = torch.cat([b[i, j], table[sj[i, j]]])
-            logit = x @ full[k] + gate.bias[k]
+            logit = gate.behaviour_weight[k] @ b[i, j] + gate.scenario_weight[k] @ table[sj[i, j]] + gate.bias[k]
             if feedback is not None:
                 logit = logit + gate.feedback_weight[k, int(sj[i, j]) * gate.feedback_values + int(feedback[i, j])]
-            out[i, j] = torch.sigmoid(logit) * b[i, j]
+            out[i, j] = 2 * torch.sigmoid(logit)
     return out
 
 
@@ -103,13 +100,22 @@ def test_mlp_options_build_the_named_layers():
 # ---------------------------------------------------------------- scenario gate
 
 
-def test_gate_equals_concatenated_formula():
+def test_gate_equals_the_formula():
     gate = _randomise(ScenarioGate(D, E, S).double())
     x = _inputs()
     out = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
-    assert out.shape == (B, L, D)
+    assert out.shape == (B, L)
     expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
     torch.testing.assert_close(out, expected)
+
+
+def test_a_fresh_gate_weighs_every_behaviour_one():
+    """All weights start at zero: g = 1, the model starts as its attention alone."""
+    x = _inputs()
+    gate = ScenarioGate(D, E, S, feedback_values=3).double()
+    feedback = torch.randint(0, 3, (B, L))
+    out = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback)
+    assert torch.equal(out, torch.ones(B, L, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -124,24 +130,10 @@ def test_gate_with_feedback_equals_the_formula_and_needs_it(layout: str):
         torch.testing.assert_close(out, expected)
     else:
         behaviours, own, example = _packed(x)
-        out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"], feedback[x["mask"]]) * behaviours
+        out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"], feedback[x["mask"]])
         torch.testing.assert_close(out, expected[x["mask"]])
     with pytest.raises(ValueError, match="feedback"):
         gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
-
-
-def test_gate_feedback_table_starts_at_zero():
-    """A fresh feedback-aware gate equals the feedback-blind one with the same weights: feedback is learned in."""
-    torch.manual_seed(0)
-    blind = ScenarioGate(D, E, S).double()
-    torch.manual_seed(0)
-    aware = ScenarioGate(D, E, S, feedback_values=3).double()
-    x = _inputs()
-    feedback = torch.randint(0, 3, (B, L))
-    torch.testing.assert_close(
-        aware(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback),
-        blind(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"]),
-    )
 
 
 def test_gate_own_scenario_acts_only_through_the_gate():
@@ -149,19 +141,19 @@ def test_gate_own_scenario_acts_only_through_the_gate():
     x = _inputs()
     b, sj, s, table = x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"]
     other_sj = (sj + 1) % S
-    # changing one behaviour's own scenario changes that behaviour only
+    # changing one behaviour's own scenario changes that behaviour's weight only
     one = sj.clone()
     one[3, 2] = other_sj[3, 2]
     base, moved = gate(b, sj, s, table), gate(b, one, s, table)
-    changed = (base != moved).any(-1)
+    changed = base != moved
     assert changed[3, 2] and changed.sum() == 1
-    # with the gate saturated open for served scenario 1, own scenarios no longer matter there (σ = 1 → b̃ = b)
+    # with the gate saturated for served scenario 1, own scenarios no longer matter there (g = 2 everywhere)
     with torch.no_grad():
         gate.bias[1] = 60.0
     served_1 = s == 1
     out, out_other = gate(b, sj, s, table), gate(b, other_sj, s, table)
-    assert torch.equal(out[served_1], b[served_1])
-    assert torch.equal(out_other[served_1], b[served_1])
+    assert torch.equal(out[served_1], torch.full_like(out[served_1], 2.0))
+    assert torch.equal(out_other[served_1], out[served_1])
     assert not torch.equal(out[~served_1], out_other[~served_1])
 
 
@@ -223,13 +215,26 @@ def test_attention_over_shared_contexts_equals_naive_on_gathered_rows(pooling: s
     assert torch.equal(out[1], torch.zeros(D, dtype=torch.float64))
 
 
-def test_packed_gate_equals_concatenated_formula():
+def test_packed_gate_equals_the_formula():
     gate = _randomise(ScenarioGate(D, E, S).double())
     x = _inputs()
     behaviours, own, example = _packed(x)
-    out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"]) * behaviours
+    out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"])
     expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])[x["mask"]]
     torch.testing.assert_close(out, expected)
+
+
+def test_gated_attention_weighs_each_behaviour_by_alpha_times_g():
+    """The interest is Σ_j α_j g_j b_j: the gate scales each behaviour's attention weight, on both layouts."""
+    gate = _randomise(ScenarioGate(D, E, S).double())
+    att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E, pooling="softmax").double())
+    x = _inputs()
+    e = x["table"][x["scenario"]]
+    g = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])  # [B, L]
+    interest, weights = att.pool_padded(x["behaviours"], x["target"], x["mask"], e, scale=g)
+    _, plain = att.pool_padded(x["behaviours"], x["target"], x["mask"], e)
+    torch.testing.assert_close(weights, plain * g)
+    torch.testing.assert_close(interest, (weights[..., None] * x["behaviours"]).sum(1))
 
 
 def test_packed_and_padded_layouts_give_the_same_gradients():
@@ -237,14 +242,16 @@ def test_packed_and_padded_layouts_give_the_same_gradients():
     att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E, pooling="softmax").double())
     x = _inputs()
     e = x["table"][x["scenario"]]
-    padded = att(gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"]), x["target"], x["mask"], e)
+    g = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
+    padded, _ = att.pool_padded(x["behaviours"], x["target"], x["mask"], e, scale=g)
     padded.square().sum().backward()
     grads = {name: p.grad.clone() for name, p in [*gate.named_parameters(), *att.named_parameters()]}
     gate.zero_grad()
     att.zero_grad()
     behaviours, own, example = _packed(x)
-    gated = gate.values_packed(behaviours, own, x["scenario"][example], x["table"]) * behaviours
-    pool_packed(att.weights_packed(gated, example, x["target"], e), gated, example, B).square().sum().backward()
+    g = gate.values_packed(behaviours, own, x["scenario"][example], x["table"])
+    packed = pool_packed(att.weights_packed(behaviours, example, x["target"], e) * g, behaviours, example, B)
+    packed.square().sum().backward()
     for name, p in [*gate.named_parameters(), *att.named_parameters()]:
         torch.testing.assert_close(p.grad, grads[name], msg=name)
 
@@ -257,7 +264,7 @@ def test_padding_never_changes_the_interest(pooling: str):
     e = x["table"][x["scenario"]]
 
     def interest(b, sj, mask):
-        return att(gate(b, sj, x["scenario"], x["table"]), x["target"], mask, e)
+        return att.pool_padded(b, x["target"], mask, e, scale=gate(b, sj, x["scenario"], x["table"]))[0]
 
     base = interest(x["behaviours"], x["behaviour_scenario"], x["mask"])
     pad = ~x["mask"]
@@ -369,9 +376,9 @@ class HeadStack(nn.Module):
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, user, dense):
         context = torch.arange(scenario.shape[0])
-        gated = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
+        gate = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
         e = self.head.scenario_vectors(scenario)  # [B, E]
-        interest, _ = self.head.interest_padded(gated, mask, target, e, context)
+        interest, _ = self.head.interest_padded(behaviours, mask, target, e, context, gate)
         return self.head(user, target, interest, dense, scenario, e)
 
 

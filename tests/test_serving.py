@@ -362,7 +362,8 @@ def test_rank_returns_the_candidates_sorted_with_predict_scores(decoded: dict, a
     expected = expected_scores(artifact, body)
     items = payload["items"]
     assert sorted(item["index"] for item in items) == list(range(25))
-    assert [item["score"] for item in items] == sorted(expected, reverse=True)
+    # one shared context vs a context per row: the same numbers up to float32 rounding (different batched kernels)
+    assert [item["score"] for item in items] == pytest.approx(sorted(expected, reverse=True), abs=1e-7)
     for item in items:
         assert item["score"] == pytest.approx(expected[item["index"]], abs=1e-7)
         assert item["item_id"] == body["candidates"][item["index"]]["item_id"]

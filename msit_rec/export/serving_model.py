@@ -121,12 +121,13 @@ class ServingModel(nn.Module):
             )
         target = torch.cat(targets, dim=-1)  # [B, D]
         behaviours = torch.cat(sequences, dim=-1)  # [C, L, D]
+        gate = None
         if self.own_scenario_row is not None:
             own = torch.where(mask, history[:, self.own_scenario_row], 0)  # [C, L]
             feedback = torch.where(mask, history[:, self.feedback_row], 0) if self.feedback_row is not None else None
-            behaviours = self.head.gate_padded(behaviours, own, scenario, feedback)
+            gate = self.head.gate_padded(behaviours, own, scenario, feedback)  # [C, L]
         # per row: its context's scenario and behaviours
         scenario = scenario.index_select(0, context)  # [B]
         scenario_emb = self.head.scenario_vectors(scenario)  # [B, E]
-        interest, weights = self.head.interest_padded(behaviours, mask, target, scenario_emb, context)  # [B, D]
+        interest, weights = self.head.interest_padded(behaviours, mask, target, scenario_emb, context, gate)
         return self.head(pooled, target, interest, dense, scenario, scenario_emb), weights

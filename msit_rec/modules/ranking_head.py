@@ -72,17 +72,17 @@ class RankingHead(nn.Module):
     def gate_packed(
         self, behaviours: torch.Tensor, own: torch.Tensor, served: torch.Tensor, feedback: torch.Tensor | None
     ) -> torch.Tensor:
-        """The gate σ(·) [N, D] of each behaviour [N, D] for (served [N], own scenario [N], feedback [N] or None);
-        requires a gate."""
+        """The transfer weight g [N] of each behaviour [N, D] for (served [N], own scenario [N], feedback [N] or
+        None); requires a gate."""
         return self.gate.values_packed(behaviours, own, served, self.scenario_embedding.weight, feedback)
 
     def gate_padded(
         self, behaviours: torch.Tensor, own: torch.Tensor, scenario: torch.Tensor, feedback: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Behaviours [C, L, D] gated by (served scenario [C], own scenario [C, L], feedback [C, L] or None);
-        unchanged without a gate."""
+    ) -> torch.Tensor | None:
+        """The transfer weight g [C, L] of behaviours [C, L, D] for (served scenario [C], own scenario [C, L],
+        feedback [C, L] or None); None without a gate."""
         if self.gate is None:
-            return behaviours
+            return None
         return self.gate(behaviours, own, scenario, self.scenario_embedding.weight, feedback)
 
     def attention_packed(
@@ -100,12 +100,16 @@ class RankingHead(nn.Module):
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None,  # [B, E]
         context: torch.Tensor,  # [B] int64, each row's context
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], each behaviour's weight α [B, L] (0 on padding)
-        """The interest of each row and the weight of each of its context's behaviours in it (1 under sum pooling):
-        what serving returns per candidate, as `attention_packed` does for training."""
+        gate: torch.Tensor | None = None,  # [C, L] each behaviour's transfer weight g (gate_padded)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], each behaviour's weight α·g [B, L] (0 on padding)
+        """The interest of each row and the weight of each of its context's behaviours in it (α = 1 under sum
+        pooling), times its gate: what serving returns per candidate, as training's packed weights."""
         if self.attention is not None:
-            return self.attention.pool_padded(behaviours, target, mask, self._attention_scenario(scenario_emb), context)
-        return behaviours.sum(dim=1).index_select(0, context), mask.to(behaviours.dtype).index_select(0, context)
+            return self.attention.pool_padded(behaviours, target, mask, self._attention_scenario(scenario_emb), context,
+                                              gate)
+        weights = mask.to(behaviours.dtype) if gate is None else gate.masked_fill(~mask, 0.0)  # [C, L]
+        interest = torch.bmm(weights.unsqueeze(1), behaviours).squeeze(1)  # [C, D]: no target, once per context
+        return interest.index_select(0, context), weights.index_select(0, context)
 
     def forward(
         self,

@@ -143,13 +143,16 @@ class TargetAttention(nn.Module):
         mask: torch.Tensor,  # [C, L] bool, True on real behaviours
         scenario_emb: torch.Tensor | None = None,  # [B, E]
         context: torch.Tensor | None = None,  # [B] int64 in [0, C); None: C = B, row b has context b
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], weights α [B, L] (0 on padding)
+        scale: torch.Tensor | None = None,  # [C, L] a factor of each behaviour's weight (the scenario gate)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], weights α (· scale) [B, L] (0 on padding)
         rows = behaviours if context is None else behaviours.index_select(0, context)  # [B, L, D]
         mask = mask if context is None else mask.index_select(0, context)  # [B, L]
         scores = self.scores(behaviours, rows, target, scenario_emb, context)
         if self.pooling == "softmax":
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
         weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
+        if scale is not None:
+            weights = weights * (scale if context is None else scale.index_select(0, context))
         return torch.bmm(weights.unsqueeze(1).to(rows.dtype), rows).squeeze(1), weights
 
     def weights_packed(
