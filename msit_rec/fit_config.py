@@ -32,7 +32,7 @@ class VariantParts:
 
     attention: bool = False  # DIN target attention over the behaviours (else sum pooling)
     attention_scenario: bool = False  # e(s) joins the attention's input
-    behaviour_gate: bool = False  # σ(W_s [b_j; e(s_j)] + c_s) ⊙ b_j before the attention
+    behaviour_gate: bool = False  # each behaviour's attention weight × 2σ(w_s·b_j + a_s·e(s_j) + c_s)
     scenario_input: bool = False  # e(s) joins the tower input
     input_gate: bool = False  # EPNet: the tower input scaled by a gate of e(s)
     hidden_gates: bool = False  # PPNet: every hidden layer scaled by a gate of e(s)

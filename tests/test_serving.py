@@ -227,7 +227,7 @@ def test_predict_writes_each_rows_top_behaviours(decoded: dict, exported: dict, 
         sent, kept = len(record["history"]), int(encoded.inputs.hist_len[row])
         longer += sent > kept
         weights = attention[row, :kept].tolist()
-        ranked = sorted(range(kept), key=lambda p: (-weights[p], -p))[:2]
+        ranked = sorted(range(kept), key=lambda p: (-abs(weights[p]), -p))[:2]
         assert [b["index"] for b in line["top_behaviours"]] == [sent - kept + p for p in ranked]
         assert [b["weight"] for b in line["top_behaviours"]] == pytest.approx([weights[p] for p in ranked], abs=1e-6)
     assert longer > 0 and sum(len(line["top_behaviours"]) == 2 for line in lines) > 100
@@ -388,7 +388,7 @@ def test_rank_returns_each_candidates_top_behaviours_with_the_programs_weights(d
     assert sent > kept == artifact.manifest.inputs.max_len
     for item in payload["items"]:
         weights = attention[item["index"], :kept].tolist()
-        ranked = sorted(range(kept), key=lambda p: (-weights[p], -p))[:3]  # ties: the more recent first
+        ranked = sorted(range(kept), key=lambda p: (-abs(weights[p]), -p))[:3]  # ties: the more recent first
         assert [b["index"] for b in item["behaviours"]] == [sent - kept + p for p in ranked]
         assert [b["weight"] for b in item["behaviours"]] == pytest.approx([weights[p] for p in ranked], abs=1e-6)
         for behaviour in item["behaviours"]:
@@ -537,6 +537,14 @@ def test_encoder_reproduces_graded_feedback_sent_as_numbers(shared_data: Path, t
     table = pa.Table.from_pylist(as_text)
     assert pa.types.is_floating(table.schema.field("history").type.value_type.field("rating").type)
     np.testing.assert_array_equal(encoder.encode(arrow_rows(table, encoder.schema)).inputs.history.numpy(), expected)
+    # a float32 rating reads as the text Polars writes for it ("3.7"), not float64's 3.700000047683716
+    behaviour = pa.struct([("item_id", pa.string()), ("genre", pa.string()), ("rating", pa.float32()),
+                           ("scenario", pa.string())])
+    one = pa.Table.from_pylist([{**as_text[0], "history": [{**as_text[0]["history"][0], "rating": 3.7}]}])
+    one = one.set_column(one.schema.get_field_index("history"), "history",
+                         pa.array([[{**one.column("history")[0][0].as_py()}]], pa.list_(behaviour)))
+    assert arrow_rows(one, encoder.schema).behaviours["rating"] == [pl.Series([3.7], dtype=pl.Float32).cast(
+        pl.String).cast(pl.Float64).item()] == [3.7]
 
 
 def test_a_version_2_artifact_still_scores_but_has_no_behaviour_weights(decoded: dict, exported: dict,

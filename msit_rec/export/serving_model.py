@@ -6,7 +6,7 @@ body; only the lookups and the layout of the behaviours differ here. The TorchRe
 with their lengths, one history per context (a /rank request's candidates share one): positions past `hist_len`
 are zeroed by mask (whatever the table's row 0 or the request holds there) and masked out of the attention, so only
 the real behaviours count, as in RankingModel, which never looks padding up. The lookups and the gate run once per
-context, the attention per row on its context's gated behaviours. Shapes: the legend in msit_rec/modules.
+context, the attention per row on its context's behaviours, each weight times the behaviour's gate. Shapes: the legend in msit_rec/modules.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class ServingModel(nn.Module):
         scenario: torch.Tensor,  # [C] int64
         dense: torch.Tensor,  # [B, Fd] float32
         context: torch.Tensor,  # [B] int64, the context of each row
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B], each behaviour's attention weight α [B, L]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B], each behaviour's weight α (·g) [B, L]
         batch = sparse.shape[0]
         pooled = (
             torch.cat([self.tables[table](sparse[:, column]) for table, column in self.bag_columns], dim=-1)

@@ -3,8 +3,9 @@
 Request threads parse and encode in parallel and hand their encoded rows to one worker thread. Every model call
 scores at most `max_rows` rows, shared out among the waiting requests (shortest first, each at most an equal share):
 a large request is scored a chunk at a time. Requests that arrive meanwhile are scored first, in a call of their own
-rows (then the next call is shared by all again, so a stream of new requests cannot starve a large one). So a
-1-candidate request waits for the call in progress and a call its size, not a full chunk of the large one's.
+rows; the next call is shared by all again, so a stream of new requests cannot starve a large one. So a 1-candidate
+request usually waits for the call in progress and a call its size; at worst (it arrives during a call of new
+requests only) for that call and one shared chunk, where it is again served first among the waiting.
 Under load the per-call overhead is paid once per batch; a lone request waits for nothing (unless `max_wait_s` asks
 it to wait for company).
 """

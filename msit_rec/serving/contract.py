@@ -9,9 +9,10 @@ An artifact is a directory:
     vocab/*.parquet      the vocabularies dataset.json names (columns raw, index, count)
 
 The program takes plain tensors, positionally in `INPUT_NAMES` order, and returns (logits float32 [B], attention
-float32 [B, L]: the weight α of each of the row's context's behaviours in its interest, 0 on padding, 1 on real
-behaviours under sum pooling; artifact version 2 returned the logits alone) for B rows that share C user contexts (a context = a behaviour history and the scenario it is served in; a /rank request is one
-context and B candidates, a `predict` file has one context per row):
+float32 [B, L]) for B rows that share C user contexts (a context = a behaviour history and the scenario it is served
+in; a /rank request is one context and B candidates, a `predict` file has one context per row). `attention` is each
+of the row's context's behaviours' weight in its interest: α (1 for variants without attention), times msit's
+transfer weight g; 0 on padding. Artifact version 2 programs returned the logits alone.
 
     sparse    int64   [B, Fs]     encoded ids of `inputs.sparse` (dataset.json's sparse features, in that order)
     history   int64   [C, H, L]   encoded behaviour ids of `inputs.sequence` (hist_item, hist_cat, hist_scenario...),

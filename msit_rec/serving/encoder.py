@@ -65,10 +65,9 @@ class FeedbackEncoder(IdEncoder):
     def encode(self, values: Column) -> np.ndarray:
         values = _hashable(values)
         ids = super().encode([_feedback_text(v) for v in values])
-        for i in np.flatnonzero(ids == OOV_INDEX).tolist():
-            other = _other_numeric_text(values[i])
-            if other is not None:
-                ids[i] = super().encode([other])[0]
+        missed = np.flatnonzero(ids == OOV_INDEX)
+        if len(missed):  # one lookup for every value not found as sent
+            ids[missed] = super().encode([_other_numeric_text(values[i]) for i in missed.tolist()])
         return ids
 
 

@@ -30,7 +30,7 @@ from msit_rec.serving.top_behaviours import top_behaviours as ranked_behaviours
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TOP_COLUMN = "top_behaviours"  # with --top_behaviours k: [{index (into the row's history), weight}], largest first
-OUTPUT_COLUMNS = ("logit", "score", TOP_COLUMN)
+OUTPUT_COLUMNS = ("logit", "score")
 TOP_TYPE = pa.list_(pa.struct([("index", pa.int64()), ("weight", pa.float64())]))
 
 
@@ -172,7 +172,8 @@ class _Writer:
                 self._text.write(json.dumps(record, default=str) + "\n")
             return
         table = pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else _json_table(rows)
-        table = table.drop_columns([c for c in OUTPUT_COLUMNS if c in table.column_names])
+        written = [*OUTPUT_COLUMNS, *([TOP_COLUMN] if top is not None else [])]
+        table = table.drop_columns([c for c in written if c in table.column_names])
         table = table.append_column("logit", pa.array(logits, pa.float32()))
         table = table.append_column("score", pa.array(scores, pa.float64()))
         if top is not None:

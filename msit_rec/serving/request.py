@@ -197,11 +197,11 @@ def _check_id(value: Any, path: str, required: bool) -> int | str | None:
 
 def _check_feedback(value: Any, path: str) -> int | float | str | None:
     """A behaviour's feedback: an id-like value, or a graded number (a rating) as the log holds it."""
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise RequestError(f"{path}: expected a finite number, got {value}")
+    kind = type(value)
+    if kind is float and math.isfinite(value) or kind is int or kind is str or value is None:
         return value
-    return _check_id(value, path, required=False)
+    shown = value if kind is float else _describe(value)
+    raise RequestError(f"{path}: expected a finite number, an int, a string or null, got {shown}")
 
 
 def _check_number(value: Any, path: str) -> float | None:
@@ -319,7 +319,8 @@ def arrow_rows(table: pa.Table | pa.RecordBatch, schema: RequestSchema, first_ro
     if schema.feedback_field is not None:
         feedback = _struct_field(flat, schema.feedback_field)
         behaviours[schema.feedback_field] = (
-            _arrow_numbers(feedback, behaviour_path(schema.feedback_field), 0, nulls=None)
+            _float_texts(_arrow_numbers(feedback, behaviour_path(schema.feedback_field), 0, nulls=None),
+                         single=pa.types.is_float32(feedback.type) or pa.types.is_float16(feedback.type))
             if pa.types.is_floating(feedback.type)
             else _arrow_ids(feedback, behaviour_path(schema.feedback_field), 0, required=False)
         )
@@ -363,6 +364,14 @@ def _arrow_ids(array: pa.Array, path: str | Callable[[int], str], first_row: int
     if pa.types.is_integer(kind) and array.null_count == 0:
         return array.to_numpy().astype(np.int64, copy=False)
     return array.to_pylist()
+
+
+def _float_texts(values: list, single: bool) -> list:
+    """Floats of a float32/16 column as the shortest decimal of their own precision (3.7, not 3.700000047683716 as
+    float64 prints it): the text Polars writes for them, hence the vocabulary's key."""
+    if not single:
+        return values
+    return [None if v is None else float(str(np.float32(v))) for v in values]
 
 
 def _arrow_numbers(array: pa.Array, path: str | Callable[[int], str], first_row: int, nulls: float | None = math.nan

@@ -132,7 +132,7 @@ class RankingService:
         return orjson.dumps({"scenario": request["scenario"], "items": items, "oov": oov})
 
     def _parse(self, body: bytes) -> Any:
-        """The JSON value of a body, or 400: nesting is measured before parsing (json.loads recurses per level)."""
+        """The JSON value of a body, or 400: nesting is measured before parsing (a parser recurses per level)."""
         limit = self.config.max_json_depth
         depth = json_depth(body)
         if depth > limit:
