@@ -9,6 +9,10 @@ peak RSS is per configuration:
 - `train_2p`: the same on 2 processes (gloo), one thread each; examples/s counts both ranks;
 - `plain_twin`: the same architecture in plain PyTorch — `nn.Embedding` tables (sparse gradients, Adagrad) and the
   same dense modules (`RankingModel` with its embeddings swapped), AdamW, one process, the same loader;
+- `peer_rechub_din`: torch-rechub's DIN (the named peer; an optional extra, `pip install --no-deps torch-rechub`,
+  skipped with the reason when absent) at the same size: the same single-valued sparse features and item/category
+  histories (dim 16, L=50), attention MLP 64-32, tower 512-256, Adam, one process; its padded input dicts are built
+  from the same batches before timing (the numeric features are left out: rechub's DIN takes sparse ones only);
 - `loader`: the examples loader alone (Parquet → Batch, one whole shuffled epoch), to see whether input or compute
   bounds training.
 - `floor`: the matmul floor of one step (benchmarks/matmul_floor.py): the twin's matrix products (forward and
@@ -32,6 +36,7 @@ default (`--no-malloc-tune` measures without it) and applies to every configurat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -220,6 +225,48 @@ def run_twin(params: dict[str, Any]) -> dict[str, Any]:
     return {**window_stats(marks, params["warmup"], BATCH), "threads": params["threads"], "peak_rss_mib": peak_rss_mib()}
 
 
+def run_peer(params: dict[str, Any]) -> dict[str, Any]:
+    """torch-rechub's DIN at msit's reference size, on the same batches (converted to its padded dicts untimed)."""
+    import torch
+    import torch.nn.functional as F
+    from torch_rechub.basic.features import SequenceFeature, SparseFeature
+    from torch_rechub.models.ranking import DIN
+
+    from msit_rec.data.loader import ExamplesDataset, make_loader
+    from msit_rec.data.spec import DatasetMeta
+    from msit_rec.embeddings import EmbeddingLayout
+
+    torch.set_num_threads(params["threads"])
+    torch.manual_seed(0)
+    meta = DatasetMeta.load(params["data"])
+    layout = EmbeddingLayout.from_meta(meta)
+    slots = [slot for slot in layout.slots if slot.target is not None]  # hist_item → item, hist_cat → category
+    sparse = {f.name: SparseFeature(f.name, f.cardinality, f.embedding_dim) for f in meta.features_of_kind("sparse")}
+    targets = [sparse[slot.target] for slot in slots]
+    history = [SequenceFeature(slot.sequence, slot.cardinality, slot.dim, pooling="concat", shared_with=slot.target)
+               for slot in slots]
+    others = [feature for name, feature in sparse.items() if name not in {slot.target for slot in slots}]
+    model = DIN(others, history, targets, mlp_params={"dims": [512, 256]}, attention_mlp_params={"dims": [64, 32]})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = make_loader(ExamplesDataset(params["data"], "train", BATCH, shuffle=True, drop_last=True))
+    inputs = []
+    for batch in itertools.islice(loader, params["warmup"] + params["steps"]):
+        columns = batch.sparse.values().view(len(batch.sparse.keys()), -1)  # [F, B]
+        x = {key: columns[i] for i, key in enumerate(batch.sparse.keys())}
+        for slot in slots:
+            jagged = batch.sequence[slot.sequence]
+            x[slot.sequence] = torch.nn.utils.rnn.pad_sequence(  # [B, L], 0-padded (rechub masks id 0)
+                list(jagged.values().split(jagged.lengths().tolist())), batch_first=True)
+        inputs.append((x, batch.label))
+    marks = []
+    for x, label in inputs:
+        optimizer.zero_grad()
+        F.binary_cross_entropy(model(x), label).backward()
+        optimizer.step()
+        marks.append((time.perf_counter(), time.process_time()))
+    return {**window_stats(marks, params["warmup"], BATCH), "threads": params["threads"], "peak_rss_mib": peak_rss_mib()}
+
+
 def run_floor(params: dict[str, Any]) -> dict[str, Any]:
     """The matmul floor of one training step: the twin's (the same dense modules as msit, so the same products)."""
     from matmul_floor import matmul_floor  # benchmarks/ is the script's directory
@@ -246,7 +293,7 @@ def run_loader(params: dict[str, Any]) -> dict[str, Any]:
     return {**window_stats(marks, params["warmup"], BATCH), "peak_rss_mib": peak_rss_mib()}
 
 
-WORKERS = {"lightning": run_lightning, "twin": run_twin, "loader": run_loader, "floor": run_floor}
+WORKERS = {"lightning": run_lightning, "twin": run_twin, "peer": run_peer, "loader": run_loader, "floor": run_floor}
 
 
 def worker_main(kind: str, params_json: str) -> None:
@@ -285,6 +332,7 @@ def measure(kind: str, params: dict[str, Any], scratch: Path, name: str) -> dict
 CONFIGS = [  # name, worker, extra params
     ("loader", "loader", {}),
     ("plain_twin", "twin", {}),
+    ("peer_rechub_din", "peer", {}),
     ("train_1p pooled_bags", "lightning", {"devices": 1, "path": "pooled_bags"}),
     ("train_2p pooled_bags", "lightning", {"devices": 2, "path": "pooled_bags"}),
     ("train_1p embedding_collection", "lightning", {"devices": 1, "path": "embedding_collection"}),
@@ -321,9 +369,13 @@ def main() -> None:
         print(f"data: {data} {data_info}")
         base = {"data": str(data), "threads": args.threads, "warmup": warmup, "malloc_tune": args.malloc_tune,
                 "verbose": args.verbose}
-        rows = []
+        rows, skipped = [], {}
         for name, kind, extra in CONFIGS:
             if args.only and name not in args.only:
+                continue
+            if kind == "peer" and importlib.util.find_spec("torch_rechub") is None:
+                skipped[name] = "torch-rechub is not installed (pip install --no-deps torch-rechub)"
+                print(f"  {name:<32} skipped: {skipped[name]}", flush=True)
                 continue
             params = {**base, **extra}
             if kind == "lightning" and extra["path"] == "embedding_collection":
@@ -344,8 +396,12 @@ def main() -> None:
     for row in rows:
         row["ratio_vs_plain_twin"] = round(row["examples_per_s"] / twin, 2) if twin else None
     loader = by_name.get("loader", {}).get("examples_per_s")
+    peer = by_name.get("peer_rechub_din", {}).get("examples_per_s")
     summary = {
         "msit_1p_examples_per_s": train,
+        "msit_share_of_matmul_floor": round(train / floor["max_examples_per_s"], 3) if train and floor else None,
+        "msit_over_peer": round(train / peer, 2) if train and peer else None,
+        "skipped": skipped,
         "target_1p_examples_per_s": 25_000,
         "loader_over_training": round(loader / train, 2) if loader and train else None,
         "target_loader_over_training": 5.0,
