@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from msit_rec.terminal import command_output
 from tests.launch import LAUNCH_ENV
@@ -124,6 +125,19 @@ def test_quiet_two_process_fit_prints_only_its_result(quiet_fit) -> None:
     _, result = quiet_fit
     assert result.stderr == ""
     assert [line.split()[0] for line in result.stdout.splitlines()] == ["best", "checkpoints:"], result.stdout
+
+
+@pytest.mark.slow
+def test_fit_logs_its_hyperparameters(quiet_fit, small_examples: Path) -> None:
+    """hparams.yaml (CSV logs, written once by rank 0) holds the run's config and data, as fit_config.yaml does."""
+    from msit_rec.data.spec import DatasetMeta
+
+    run, _ = quiet_fit
+    files = sorted((run / "logs").glob("version_*/hparams.yaml"))
+    assert len(files) == 1
+    logged = yaml.safe_load(files[0].read_text())
+    assert logged["model"] == yaml.safe_load((run / "fit_config.yaml").read_text())["model"]
+    assert logged["trainer"]["devices"] == 2 and logged["data"]["content_hash"] == DatasetMeta.load(small_examples).content_hash
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from msit_rec.config import to_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.fit_config import FitConfig, ModelConfig
@@ -169,6 +170,9 @@ def _train(config: FitConfig, meta: DatasetMeta, data_dir: Path, out_dir: Path, 
         callbacks=[best, last, EarlyStopping(monitor="val/auc", mode="max", patience=t.early_stopping_patience),
                    *([StderrProgressBar()] if t.progress_bar else [])],  # bars on stderr, results on stdout
     )
+    hyperparameters = {**to_dict(config), "data": {"dir": str(data_dir), "content_hash": meta.content_hash}}
+    for logger in trainer.loggers:  # hparams.yaml and TensorBoard's HPARAMS tab: what a run is, next to its curves
+        logger.log_hyperparams(hyperparameters)
     module = RankingModule(meta, config.model, t.optim)
     data = ExamplesDataModule(data_dir, t.batch_size, t.eval_batch_size, t.num_workers, t.seed)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
