@@ -192,7 +192,7 @@ def test_fast_attention_equals_naive_concatenation(layout: str, pooling: str, sc
     x = _inputs()
     e = torch.randn(B, E, dtype=torch.float64) if scenario_dim else None
     if layout == "padded":
-        out = att(x["behaviours"], x["target"], x["mask"], e)
+        out, _ = att(x["behaviours"], x["target"], x["mask"], e)
     else:
         behaviours, _, example = _packed(x)
         out = pool_packed(att.weights_packed(behaviours, example, x["target"], e), behaviours, example, B)
@@ -209,7 +209,7 @@ def test_attention_over_shared_contexts_equals_naive_on_gathered_rows(pooling: s
     context = torch.tensor([2, 0, 2, 5, 3, 3, 1, 2, 4])  # 9 rows over the 6 contexts of `_inputs`, 0 = empty history
     target = torch.randn(len(context), D, dtype=torch.float64)
     e = torch.randn(len(context), E, dtype=torch.float64)
-    out = att(x["behaviours"], target, x["mask"], e, context)
+    out, _ = att(x["behaviours"], target, x["mask"], e, context)
     expected = din_interest(att, x["behaviours"][context], target, x["mask"][context], e)
     torch.testing.assert_close(out, expected)
     assert torch.equal(out[1], torch.zeros(D, dtype=torch.float64))
@@ -231,8 +231,8 @@ def test_gated_attention_weighs_each_behaviour_by_alpha_times_g():
     x = _inputs()
     e = x["table"][x["scenario"]]
     g = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])  # [B, L]
-    interest, weights = att.pool_padded(x["behaviours"], x["target"], x["mask"], e, scale=g)
-    _, plain = att.pool_padded(x["behaviours"], x["target"], x["mask"], e)
+    interest, weights = att(x["behaviours"], x["target"], x["mask"], e, scale=g)
+    _, plain = att(x["behaviours"], x["target"], x["mask"], e)
     torch.testing.assert_close(weights, plain * g)
     torch.testing.assert_close(interest, (weights[..., None] * x["behaviours"]).sum(1))
 
@@ -243,7 +243,7 @@ def test_packed_and_padded_layouts_give_the_same_gradients():
     x = _inputs()
     e = x["table"][x["scenario"]]
     g = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
-    padded, _ = att.pool_padded(x["behaviours"], x["target"], x["mask"], e, scale=g)
+    padded, _ = att(x["behaviours"], x["target"], x["mask"], e, scale=g)
     padded.square().sum().backward()
     grads = {name: p.grad.clone() for name, p in [*gate.named_parameters(), *att.named_parameters()]}
     gate.zero_grad()
@@ -264,7 +264,7 @@ def test_padding_never_changes_the_interest(pooling: str):
     e = x["table"][x["scenario"]]
 
     def interest(b, sj, mask):
-        return att.pool_padded(b, x["target"], mask, e, scale=gate(b, sj, x["scenario"], x["table"]))[0]
+        return att(b, x["target"], mask, e, scale=gate(b, sj, x["scenario"], x["table"]))[0]
 
     base = interest(x["behaviours"], x["behaviour_scenario"], x["mask"])
     pad = ~x["mask"]

@@ -6,7 +6,8 @@ body; only the lookups and the layout of the behaviours differ here. The TorchRe
 with their lengths, one history per context (a /rank request's candidates share one): positions past `hist_len`
 are zeroed by mask (whatever the table's row 0 or the request holds there) and masked out of the attention, so only
 the real behaviours count, as in RankingModel, which never looks padding up. The lookups and the gate run once per
-context, the attention per row on its context's behaviours, each weight times the behaviour's gate. Shapes: the legend in msit_rec/modules.
+context, the attention per row on its context's behaviours, each weight times the behaviour's gate. Shapes: the
+legend in msit_rec/modules.
 """
 
 from __future__ import annotations

@@ -105,8 +105,7 @@ class RankingHead(nn.Module):
         """The interest of each row and the weight of each of its context's behaviours in it (α = 1 under sum
         pooling), times its gate: what serving returns per candidate, as training's packed weights."""
         if self.attention is not None:
-            return self.attention.pool_padded(behaviours, target, mask, self._attention_scenario(scenario_emb), context,
-                                              gate)
+            return self.attention(behaviours, target, mask, self._attention_scenario(scenario_emb), context, gate)
         weights = mask.to(behaviours.dtype) if gate is None else gate.masked_fill(~mask, 0.0)  # [C, L]
         interest = torch.bmm(weights.unsqueeze(1), behaviours).squeeze(1)  # [C, D]: no target, once per context
         return interest.index_select(0, context), weights.index_select(0, context)

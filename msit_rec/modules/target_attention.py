@@ -34,7 +34,8 @@ class TargetAttention(nn.Module):
     concatenated formula (blocks b, t, b⊙t, b−t, e), so the result equals the naive formula with the same weights.
 
     Two layouts of the same function:
-    - `forward`: padded behaviours [C, L, D] with a mask — static shapes, what the exported serving program uses.
+    - `forward`: padded behaviours [C, L, D] with a mask — static shapes, what the exported serving program uses;
+      it returns the interest and each behaviour's weight (times an optional per-behaviour `scale`, the gate).
       Rows may share a sequence (`context`: all candidates of a /rank request read one history). Then the
       `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` per row, as one `[B·L, D] × [D, H]`
       matmul; with a sequence per row (batch scoring) one batched matmul with a per-row `[D, H]` weight does less
@@ -127,16 +128,6 @@ class TargetAttention(nn.Module):
         return torch.matmul(rows * target[:, None, :], w_p.t()).add_(shared)
 
     def forward(
-        self,
-        behaviours: torch.Tensor,  # [C, L, D]
-        target: torch.Tensor,  # [B, D]
-        mask: torch.Tensor,  # [C, L] bool, True on real behaviours
-        scenario_emb: torch.Tensor | None = None,  # [B, E]
-        context: torch.Tensor | None = None,  # [B] int64 in [0, C); None: C = B, row b has context b
-    ) -> torch.Tensor:  # [B, D] interest
-        return self.pool_padded(behaviours, target, mask, scenario_emb, context)[0]
-
-    def pool_padded(
         self,
         behaviours: torch.Tensor,  # [C, L, D]
         target: torch.Tensor,  # [B, D]

@@ -81,6 +81,13 @@ class RankingArtifact:
         attention = out[1].float().cpu() if self.manifest.has_attention else None
         return out[0].float().cpu(), attention
 
+    def without_attention(self) -> str | None:
+        """Why this artifact cannot say which behaviours weighed most (exported before version 3), or None."""
+        if self.manifest.has_attention:
+            return None
+        return (f"this artifact (version {self.manifest.artifact_version}) does not return attention weights; "
+                "export it again with this msit-rec")
+
     def scores(self, inputs: ProgramInputs) -> torch.Tensor:
         """Click probabilities [B] (sigmoid of the logits)."""
         return torch.sigmoid(self.logits(inputs))

@@ -29,10 +29,10 @@ _STOP = object()
 @dataclass
 class _Job:
     inputs: ProgramInputs
-    scored: int = 0  # rows handed to model calls so far (rows [0, scored) have logits in `parts`)
-    parts: list[torch.Tensor] = field(default_factory=list)  # logits of the scored chunks, in row order
+    scored: int = 0  # rows handed to model calls so far (rows [0, scored) have outputs in `parts`)
+    parts: list[torch.Tensor] = field(default_factory=list)  # outputs of the scored chunks, in row order
     done: threading.Event = field(default_factory=threading.Event)
-    logits: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None  # [rows, ...] what `run` returned for the job's rows, joined
     error: BaseException | None = None
 
     @property
@@ -42,12 +42,13 @@ class _Job:
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
         if error is None:
-            self.logits = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+            self.outputs = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
         self.done.set()
 
 
 class MicroBatcher:
-    """`submit(inputs) → logits [B]` from any thread; one worker calls `run` on chunks of at most `max_rows` rows."""
+    """`submit(inputs) → run's outputs for its rows [B, ...]` from any thread; one worker calls `run` on chunks of
+    at most `max_rows` rows."""
 
     def __init__(
         self,
@@ -81,8 +82,8 @@ class MicroBatcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        assert job.logits is not None
-        return job.logits
+        assert job.outputs is not None
+        return job.outputs
 
     def close(self) -> None:
         """Finish the submitted requests, then stop the worker."""
@@ -145,14 +146,14 @@ class MicroBatcher:
     def _call(self, chunks: list[tuple[_Job, int, int]]) -> None:
         """Score the chunks in one call and finish the jobs it completes (or fails)."""
         try:
-            logits = self._run(ProgramInputs.concat([row_slice(job.inputs, a, b) for job, a, b in chunks]))  # [rows]
+            outputs = self._run(ProgramInputs.concat([row_slice(job.inputs, a, b) for job, a, b in chunks]))
         except Exception as exc:  # noqa: BLE001 (re-raised in each request thread: HTTP 500; the worker lives on)
             for job, _, _ in chunks:
                 job.finish(exc)
             return
         offset = 0
         for job, start, stop in chunks:
-            job.parts.append(logits[offset : offset + stop - start])
+            job.parts.append(outputs[offset : offset + stop - start])
             offset += stop - start
             job.scored = stop
             if not job.left:

@@ -58,21 +58,17 @@ class IdEncoder:
 
 class FeedbackEncoder(IdEncoder):
     """Behaviour feedback: the vocabulary holds the log column's values as Polars writes them as text ("1" for an
-    int label, "4.0"/"4.5" for a float rating). A number in a request is looked up as that text: first as sent
-    (`4` → "4", `4.5` → "4.5"), then in the column's other numeric form (`4` → "4.0", `4.0` → "4"), since a JSON
-    writer may drop the ".0" of a float (JavaScript does) or add one."""
+    int label, "4.0"/"4.5" for a float rating). A number in a request is looked up as that text (the vocabulary
+    writes a number as Python does): first as sent (`4` → "4", `4.5` → "4.5"), then in the column's other numeric
+    form (`4` → "4.0", `4.0` → "4"), since a JSON writer may drop the ".0" of a float (JavaScript does) or add one."""
 
     def encode(self, values: Column) -> np.ndarray:
         values = _hashable(values)
-        ids = super().encode([_feedback_text(v) for v in values])
+        ids = super().encode(values)
         missed = np.flatnonzero(ids == OOV_INDEX)
         if len(missed):  # one lookup for every value not found as sent
             ids[missed] = super().encode([_other_numeric_text(values[i]) for i in missed.tolist()])
         return ids
-
-
-def _feedback_text(value: Any) -> str | None:
-    return None if value is None else value if isinstance(value, str) else repr(value)
 
 
 def _other_numeric_text(value: Any) -> str | None:

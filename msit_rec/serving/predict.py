@@ -68,17 +68,17 @@ def predict_file(
     progress: bool = True,
     top_behaviours: int = defaults.TOP_BEHAVIOURS,
 ) -> PredictSummary:
-    """Score every row of `input_path` into `out_path` (the rows + logit, score; with `top` > 0 also each row's
-    `top_behaviours` behaviours with the largest attention weight)."""
+    """Score every row of `input_path` into `out_path` (the rows + logit, score; with `top_behaviours` > 0 also
+    each row's that many behaviours with the largest |attention weight|)."""
     input_path, out_path = Path(input_path), Path(out_path)
     in_format, out_format = file_format(input_path, "--input"), file_format(out_path, "--out")
     if batch_size < 1:
         raise ConfigError(f"--batch_size {batch_size}: expected ≥ 1")
     if top_behaviours < 0:
         raise ConfigError(f"--top_behaviours {top_behaviours}: expected ≥ 0")
-    if top_behaviours and not artifact.manifest.has_attention:
-        raise ConfigError(f"--top_behaviours: this artifact (version {artifact.manifest.artifact_version}) does not "
-                          "return attention weights; export it again with this msit-rec")
+    missing = artifact.without_attention() if top_behaviours else None
+    if missing:
+        raise ConfigError(f"--top_behaviours: {missing}")
     if not input_path.is_file():
         raise DataError(f"--input {input_path}: no such file")
     if out_path.resolve() == input_path.resolve():

@@ -107,9 +107,9 @@ class RankingService:
         value = request.get(TOP_BEHAVIOURS, 0)
         if type(value) is not int or value < 0:
             raise RequestError(f"{TOP_BEHAVIOURS}: expected an int ≥ 0, got {value!r}")
-        if value and not self.artifact.manifest.has_attention:
-            raise RequestError(f"{TOP_BEHAVIOURS}: this artifact (version {self.artifact.manifest.artifact_version}) "
-                               "does not return attention weights; export it again with this msit-rec")
+        missing = self.artifact.without_attention() if value else None
+        if missing:
+            raise RequestError(f"{TOP_BEHAVIOURS}: {missing}")
         return value
 
     def _ranking_json(self, request: dict[str, Any], scores: torch.Tensor, oov: dict[str, int],
