@@ -500,6 +500,13 @@ def test_encoder_reproduces_feedback_histories(feedback_examples: Path) -> None:
     as_ints = [dict(r, history=[dict(b, label=int(b["label"])) for b in r["history"]]) for r in records]
     again = encoder.encode(record_rows(as_ints, encoder.schema)).inputs  # a client sends 0/1 as numbers
     np.testing.assert_array_equal(again.history.numpy(), expected["history"])
+    row = next(i for i, r in enumerate(records) if r["history"])
+    for bad, shown in (([1], "list"), (float("nan"), "nan"), (True, "bool")):
+        broken = [*records[:row], {**records[row], "history": [{**records[row]["history"][0], "label": bad}]}]
+        with pytest.raises(RequestError) as caught:
+            record_rows(broken, encoder.schema)
+        assert str(caught.value) == (f"rows[{row}].history[0].label: expected a finite number, an int, a string or "
+                                     f"null, got {shown}")
 
 
 def test_encoder_reproduces_graded_feedback_sent_as_numbers(shared_data: Path, tmp_path: Path) -> None:
@@ -576,3 +583,6 @@ def test_a_version_2_artifact_still_scores_but_has_no_behaviour_weights(decoded:
     (tmp_path / "rows.jsonl").write_text(json.dumps(decoded["records"][0]) + "\n")
     with pytest.raises(ConfigError, match="does not return attention weights"):
         predict_file(artifact, tmp_path / "rows.jsonl", tmp_path / "out.jsonl", top_behaviours=1, progress=False)
+    with pytest.raises(ConfigError) as caught:
+        predict_file(artifact, tmp_path / "rows.jsonl", tmp_path / "out.jsonl", top_behaviours=-1, progress=False)
+    assert str(caught.value) == "--top_behaviours -1: expected ≥ 0"
