@@ -8,13 +8,16 @@
                       [{"index": j (into the history sent), "item_id", "scenario", "weight"}, ...]
     GET  /health   status and what the artifact is
     GET  /metrics  requests by status, OOV ids per feature, latency percentiles, batching, dropped connections
+                   (JSON; the Prometheus text format instead when the Accept header asks for it, as a scraper's does)
+    GET  /metrics/prometheus  the same in the Prometheus text format (OpenMetrics if Accept asks), latency
+                   histograms by status (msit_rec/serving/server_metrics.py)
 
 Each connection has its own thread (at most `max_connections`; more are answered 503), which parses and encodes its
 request; the model calls of concurrent requests are micro-batched by one worker in chunks of at most `max_batch_rows`
 rows (msit_rec/serving/batcher.py), so one large request cannot hold the model while small ones wait. Every answer
-is JSON: schema errors and malformed JSON 400 `{"error": "<field path>: <problem>"}`; 404 unknown path; 405 any
-other method (with `Allow`); 408 a body that stops arriving; 411/413 a missing/oversized body; 413 too many
-candidates or behaviours. A connection silent for `read_timeout_s` is closed; a client that leaves early is counted
+but a Prometheus scrape is JSON: schema errors and malformed JSON 400 `{"error": "<field path>: <problem>"}`; 404
+unknown path; 405 any other method (with `Allow`); 408 a body that stops arriving; 411/413 a missing/oversized body;
+413 too many candidates or behaviours. A connection silent for `read_timeout_s` is closed; a client that leaves early is counted
 in /metrics (`disconnects`), not logged as a failure.
 """
 
@@ -30,7 +33,7 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -41,17 +44,25 @@ from msit_rec.serving.batcher import MicroBatcher
 from msit_rec.serving.program_inputs import ProgramInputs
 from msit_rec.serving.request import HISTORY, TOP_BEHAVIOURS, RequestError, rank_request_rows
 from msit_rec.serving.serve_config import ServeConfig
-from msit_rec.serving.server_metrics import ServerMetrics
+from msit_rec.serving.server_metrics import ServerMetrics, wants_prometheus
 from msit_rec.serving.top_behaviours import top_behaviours
 
 log = logging.getLogger("msit_rec.serve")
 
-ROUTES = {"/rank": "POST", "/health": "GET", "/metrics": "GET"}
+ROUTES = {"/rank": "POST", "/health": "GET", "/metrics": "GET", "/metrics/prometheus": "GET"}
+METRICS_PATHS = ("/metrics", "/metrics/prometheus")  # scrapes are not counted as requests
 # How often a Python thread must hand the interpreter lock to a waiting one while `serve_forever` runs (default 5 ms):
 # a thread parsing or answering a large request would otherwise hold up a small request's threads, and the model
 # worker at each torch op, up to 5 ms at every hand-over (measured in one process on 2 cores: 1-candidate p99 beside
 # a streaming 10,000-candidate request ~23 ms at 5 ms, ~11-14 ms at 0.5 ms, before orjson and new-requests-first).
 SWITCH_INTERVAL_S = 0.0005
+
+
+class Text(NamedTuple):
+    """An answer that is not JSON: its bytes and Content-Type."""
+
+    data: bytes
+    content_type: str
 
 
 class Refused(Exception):
@@ -69,7 +80,10 @@ class RankingService:
         config.validate()
         self.artifact = artifact
         self.config = config
-        self.metrics = ServerMetrics()
+        info = artifact.info()
+        self.metrics = ServerMetrics({"artifact_version": str(artifact.manifest.artifact_version),
+                                      "variant": str(info["model"]), "dataset": str(info["dataset"]),
+                                      "backend": str(info["backend"])})
         self.batcher = MicroBatcher(
             self._model_outputs, config.max_batch_rows, config.batch_wait_ms / 1000.0, self.metrics.record_batch
         )
@@ -212,15 +226,18 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug, not the client's fault: answer 500 and keep serving
             log.exception("request %s %s failed", method, path)
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}"}
+        headers = {"Allow": ROUTES[path]} if status == HTTPStatus.METHOD_NOT_ALLOWED else {}
+        if path == "/metrics":
+            headers["Vary"] = "Accept"  # JSON or the Prometheus text format, by Accept
         try:
-            self._reply(status, payload, {"Allow": ROUTES[path]} if status == HTTPStatus.METHOD_NOT_ALLOWED else {})
+            self._reply(status, payload, headers)
         except (ConnectionError, TimeoutError) as exc:
             self._client_gone(f"{method} {path}: {type(exc).__name__} while answering")
             return
-        if path != "/metrics":
+        if path not in METRICS_PATHS:
             service.metrics.record_request(int(status), time.perf_counter() - start)
 
-    def _answer(self, method: str, path: str) -> tuple[int, dict[str, Any] | bytes]:
+    def _answer(self, method: str, path: str) -> tuple[int, dict[str, Any] | bytes | Text]:
         service = self.server.service
         if path not in ROUTES:
             return HTTPStatus.NOT_FOUND, {"error": f"{path}: not found; routes are {sorted(ROUTES)}"}
@@ -228,6 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
             return HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{path} takes {ROUTES[path]}, not {method}"}
         if path == "/health":
             return HTTPStatus.OK, service.health()
+        if path == "/metrics/prometheus" or (path == "/metrics" and wants_prometheus(self.headers.get("Accept"))):
+            return HTTPStatus.OK, Text(*service.metrics.exposition(self.headers.get("Accept")))
         if path == "/metrics":
             return HTTPStatus.OK, service.metrics.snapshot()
         body = self._body(service.config.max_body_bytes)
@@ -254,10 +273,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = True
         return body
 
-    def _reply(self, status: int, payload: dict[str, Any] | bytes, headers: dict[str, str], close: bool = False) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    def _reply(self, status: int, payload: dict[str, Any] | bytes | Text, headers: dict[str, str],
+               close: bool = False) -> None:
+        if isinstance(payload, Text):
+            data, content_type = payload
+        else:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            content_type = "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)
