@@ -14,10 +14,10 @@ import argparse
 import contextlib
 import ctypes
 import json
-import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 
 from msit_rec.fit_config import ModelConfig
 from msit_rec.modules import RankingHead, TargetAttention, lengths_to_mask
+from msit_rec.provenance import host_facts
 from tests.reference import din_scores
 
 S, D, E = 5, 32, 8
@@ -125,6 +126,8 @@ def main() -> None:
     if args.malloc_tune:
         tune_malloc()
     torch.set_num_threads(args.threads)
+    host = host_facts()
+    print(f"host: {host.summary()}", flush=True)
     torch.manual_seed(0)
 
     inputs = make_inputs(args.batch, args.length)
@@ -183,8 +186,7 @@ def main() -> None:
             "repeats": args.repeats,
             "malloc_tune": args.malloc_tune,
         },
-        "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": {**asdict(host), "torch": torch.__version__},
         "rows": rows,
     }
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from msit_rec.data.arrow_kjt import ROW_INDEX_COLUMN, BatchLayout, table_to_batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import CONTRACT_VERSION, DatasetMeta, FeatureSpec, HistoryInfo, SplitStats
+from msit_rec.provenance import host_facts
 
 SCENARIOS = ["s0", "s1", "s2", "s3"]
 ITEMS, CATEGORIES, OTHER_CARDINALITY = 1_000_000, 5_000, 100_000
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_loader.json")
     args = parser.parse_args()
+    host = host_facts()
+    print(f"host: {host.summary()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         root = Path(tmp)
@@ -183,7 +186,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+        "machine": {**asdict(host), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "pyarrow": pa.__version__},
         "conversion": conversion,
         "runs": runs,

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from msit_rec.config import load_config
+from msit_rec.provenance import host_facts
 from pipelines.config import CategoricalFeature, DatasetConfig
 from pipelines.encode import fit_encoder
 from pipelines.history import index_histories
@@ -148,7 +150,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_prepare.json")
     args = parser.parse_args()
-    results: dict = {"sizes": [], "baseline": None}
+    host = host_facts()
+    print(f"host: {host.summary()}", flush=True)
+    results: dict = {"machine": asdict(host), "sizes": [], "baseline": None}
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         for size in sorted(args.sizes):
             for result in bench_size(size, Path(tmp)):

@@ -11,6 +11,9 @@ epochs, same optimisers and batch size; the checkpoint kept is the best on the v
   movielens.yaml). Skipped, with a message, when the folder is absent.
 - (c) `movielens_shelves`: the same ratings with scenario = the movie's popularity shelf (head / torso / tail;
   configs/datasets/movielens_shelves.yaml): users cross shelves as much as genre groups, CTR differs far more.
+- (d) `movielens_sessions`: the same ratings with scenario = the context of the rating in the user's activity
+  (onboarding session / start of a later visit / rest of it; configs/datasets/movielens_sessions.yaml): unlike (b)
+  and (c) the scenario is not a function of the movie, as in a real product, where one item shows on every surface.
 
 Claims use the paired bootstrap of `msit-rec compare` on the test split, per seed: for every other variant and
 slice, the difference to `msit` with its 95 % interval; the report counts the seeds where `msit` is ahead beyond
@@ -25,7 +28,7 @@ of (b)), quality.json (every number, per seed too), quality_auc.png (mean test A
 error bars = std over seeds).
 
     python benchmarks/bench_quality.py [--quick] [--out benchmarks/results/quality] [--seeds N] [--epochs N]
-                                       [--datasets transfer,movielens,movielens_shelves]
+                                       [--datasets transfer,movielens,movielens_shelves,movielens_sessions]
 
 `--quick`: 1 seed, 1 epoch of 60 batches, a smaller generated world: a smoke test of a few minutes on 2 cores. The expected
 runtime is printed before training starts (quick mode also extrapolates the full run from its measured speed).
@@ -42,7 +45,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ from matplotlib.figure import Figure
 from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.metrics import SliceMetrics, SplitMetrics
+from msit_rec.provenance import host_facts
 from msit_rec.report import slices
 
 VARIANTS = ("shared", "din", "din_sid", "star", "pepnet", "msit")
@@ -134,6 +138,8 @@ MOVIELENS_CONFIGS = {
     "movielens": ("configs/datasets/movielens.yaml", "MovieLens ml-latest-small, scenario = genre group"),
     "movielens_shelves": ("configs/datasets/movielens_shelves.yaml",
                           "MovieLens ml-latest-small, scenario = popularity shelf (head / torso / tail)"),
+    "movielens_sessions": ("configs/datasets/movielens_sessions.yaml",
+                           "MovieLens ml-latest-small, scenario = session context (onboarding / visit / binge)"),
 }
 
 
@@ -452,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     wanted = args.datasets.split(",")
     started = time.perf_counter()
+    host = host_facts()
+    print(f"host: {host.summary()}", flush=True)
     print(f"budget per fit: tower {list(budget.tower)}, {budget.epochs} epoch(s), batch {budget.batch_size}, "
           f"dense lr {budget.dense_lr}, best-on-valid checkpoint; {budget.seeds} seed(s) × {len(VARIANTS)} variants",
           flush=True)
@@ -512,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_auc(results, out / "quality_auc.png")
     settings = {"budget": budget.__dict__ | {"tower": list(budget.tower)}, "variants": list(VARIANTS),
                 "quick": args.quick, "transfer_world": {"config": str(TRANSFER_WORLD), "overrides": QUICK_WORLD if args.quick else []},
-                "transfer_prepare": TRANSFER_PREPARE, "runtime_s": round(elapsed, 1)}
+                "transfer_prepare": TRANSFER_PREPARE, "runtime_s": round(elapsed, 1), "machine": asdict(host)}
     record = json.dumps({"settings": settings, "datasets": results}, indent=2, default=str)  # paths as text
     (out / "quality.json").write_text(record + "\n")
     skipped = [d for d in wanted if d not in results]

@@ -30,12 +30,12 @@ import http.client
 import json
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +386,10 @@ def main() -> None:
     args = parser.parse_args()
     args.iters = args.iters or (200 if args.quick else 1000)
     args.seconds = args.seconds or (5.0 if args.quick else 20.0)
+    from msit_rec.provenance import host_facts
+
+    host = host_facts()
+    print(f"host: {host.summary()}", flush=True)
     import logging
     logging.disable(logging.WARNING)
     from msit_rec.host import tune_glibc_malloc
@@ -402,8 +406,7 @@ def main() -> None:
         data_dir = read_run(run).data_dir
         artifacts = export_artifacts(run, root, args.quick)
         result: dict[str, Any] = {
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                        "load_avg": os.getloadavg()},
+            "machine": {**asdict(host), "load_avg": os.getloadavg()},
             "settings": {"quick": args.quick, "iters": args.iters, "warmup": args.warmup, "inflight": args.inflight,
                          "seconds": args.seconds, "run": str(args.run) if args.run else "generated"},
         }

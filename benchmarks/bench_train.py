@@ -40,12 +40,12 @@ import importlib.util
 import itertools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     marks = StepMarks()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=TorchRecStrategy(ShardingConfig(embedding_lr=0.05)),
+        accelerator="cpu", devices=devices, precision=params.get("precision", "32-true"), strategy=TorchRecStrategy(ShardingConfig(embedding_lr=0.05)),
         max_steps=params["warmup"] + params["steps"], limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, default_root_dir=params["scratch"], callbacks=[marks],
@@ -268,14 +268,16 @@ def run_peer(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_floor(params: dict[str, Any]) -> dict[str, Any]:
-    """The matmul floor of one training step: the twin's (the same dense modules as msit, so the same products)."""
+    """The matmul floor of one training step: the twin's (the same dense modules as msit, so the same products), with
+    the products in params["dtype"] (bf16: the floor of bf16-mixed training)."""
+    import torch
     from matmul_floor import matmul_floor  # benchmarks/ is the script's directory
 
     model, optimizers, loader = build_twin(params)
     batch = next(iter(loader))
     for _ in range(2):
         twin_step(model, optimizers, batch)
-    floor = matmul_floor(lambda: twin_step(model, optimizers, batch))
+    floor = matmul_floor(lambda: twin_step(model, optimizers, batch), dtype=getattr(torch, params["dtype"]))
     floor["max_examples_per_s"] = round(BATCH / (floor["floor_ms"] / 1e3))
     return {**floor, "peak_rss_mib": peak_rss_mib()}
 
@@ -334,6 +336,7 @@ CONFIGS = [  # name, worker, extra params
     ("plain_twin", "twin", {}),
     ("peer_rechub_din", "peer", {}),
     ("train_1p pooled_bags", "lightning", {"devices": 1, "path": "pooled_bags"}),
+    ("train_1p pooled_bags bf16-mixed", "lightning", {"devices": 1, "path": "pooled_bags", "precision": "bf16-mixed"}),
     ("train_2p pooled_bags", "lightning", {"devices": 2, "path": "pooled_bags"}),
     ("train_1p embedding_collection", "lightning", {"devices": 1, "path": "embedding_collection"}),
 ]
@@ -359,6 +362,10 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
     steps = args.steps if args.steps is not None else (8 if args.quick else 25)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+    from msit_rec.provenance import host_facts
+
+    host = host_facts()
+    print(f"host: {host.summary()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         scratch = Path(tmp)
@@ -428,7 +435,7 @@ def main() -> None:
                          QUICK_GENERATOR_SETTINGS if args.quick else GENERATOR_SETTINGS) if args.data is None else None,
                      "model": "msit, attention 64-32, tower 512-256"},
         "data": data_info,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {**asdict(host), "load_avg": os.getloadavg()},
         "rows": rows,
         "summary": summary,
     }

@@ -10,7 +10,6 @@ runs on this CPU, an optimistic floor. The large square GEMM gives the machine's
 from __future__ import annotations
 
 import functools
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from msit_rec.train.auto_precision import best_seconds
 
 # the leaf matmul kernels (linear, matmul and einsum dispatch to these), with the operand positions of (A, B)
 OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
@@ -52,30 +53,25 @@ def capture_matmuls(call: Callable[[], Any]) -> Counter[Matmul]:
     return found
 
 
-def time_matmul(matmul: Matmul, repeats: int) -> float:
-    """Best seconds of one product of this shape, alone, output preallocated."""
+def time_matmul(matmul: Matmul, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best seconds of one product of this shape in `dtype`, alone, output preallocated."""
     lead = () if matmul.batch == 1 else (matmul.batch,)
-    a, b = torch.randn(*lead, matmul.m, matmul.k), torch.randn(*lead, matmul.k, matmul.n)
-    run = functools.partial(torch.mm if matmul.batch == 1 else torch.bmm, a, b, out=torch.empty(*lead, matmul.m, matmul.n))
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+    a, b = torch.randn(*lead, matmul.m, matmul.k, dtype=dtype), torch.randn(*lead, matmul.k, matmul.n, dtype=dtype)
+    out = torch.empty(*lead, matmul.m, matmul.n, dtype=dtype)
+    return best_seconds(functools.partial(torch.mm if matmul.batch == 1 else torch.bmm, a, b, out=out), repeats)
 
 
-def matmul_peak_gflops(repeats: int = 3) -> float:
+def matmul_peak_gflops(repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
     """This machine's matmul rate on a large square product (current thread count)."""
     square = Matmul(1, PEAK_SIZE, PEAK_SIZE, PEAK_SIZE)
-    return square.flop / time_matmul(square, repeats) / 1e9
+    return square.flop / time_matmul(square, repeats, dtype) / 1e9
 
 
-def matmul_floor(call: Callable[[], Any], repeats: int = 5) -> dict[str, Any]:
-    """Seconds the matmuls of one `call()` take alone, their GFLOP and rate, and the machine's peak rate."""
+def matmul_floor(call: Callable[[], Any], repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Seconds the matmuls of one `call()` take alone in `dtype` (bf16: what bf16 autocast would run), their GFLOP and
+    rate, and the machine's peak rate in that dtype."""
     found = capture_matmuls(call)
-    seconds = sum(count * time_matmul(matmul, repeats) for matmul, count in found.items())
+    seconds = sum(count * time_matmul(matmul, repeats, dtype) for matmul, count in found.items())
     flop = sum(count * matmul.flop for matmul, count in found.items())
     return {
         "matmuls": sum(found.values()),
@@ -83,6 +79,7 @@ def matmul_floor(call: Callable[[], Any], repeats: int = 5) -> dict[str, Any]:
         "gflop": round(flop / 1e9, 3),
         "floor_ms": round(seconds * 1e3, 3),
         "matmul_gflops": round(flop / seconds / 1e9, 1),
-        "peak_gflops": round(matmul_peak_gflops(), 1),
+        "peak_gflops": round(matmul_peak_gflops(dtype=dtype), 1),
+        "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }

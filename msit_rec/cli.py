@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(prepare, "configs/datasets/synthetic.yaml", "history.max_len=20")
     prepare.add_argument("--out", type=Path, help="output directory for the examples; required unless --print_config")
     prepare.add_argument("--source", help="raw log path (overrides source.path in the config)")
+    prepare.add_argument("--vocab-from", dest="vocab_from", type=Path, metavar="EXAMPLES",
+                         help="earlier examples directory (e.g. yesterday's): every id it knows keeps its index, new "
+                              "ids are appended, so `fit --init-from` can warm-start from a model trained on it")
 
     fit = commands.add_parser("fit", help="train a model variant on prepared examples (1..N processes)")
     fit.add_argument("--data", type=Path, help="prepared examples directory (with dataset.json); required to train")
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, help="run directory: checkpoints/, logs/, fit_config.yaml; required to train")
     fit.add_argument("--resume", type=Path,
                      help="continue a run from its checkpoint directory, e.g. RUN/checkpoints/last.ckpt (same --data)")
+    fit.add_argument("--init-from", dest="init_from", type=Path, metavar="RUN",
+                     help="start a new run from another run's weights and optimizer state (RUN = its best checkpoint, "
+                          "or RUN/checkpoints/NAME.ckpt); --data must be prepared with --vocab-from that run's examples "
+                          "(tables may have grown: new rows start fresh)")
     fit.add_argument("--overwrite", action="store_true",
                      help="replace the run in --out (kept aside until the new fit has finished, restored if it fails)")
     fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_command(commands)
     _add_export_command(commands)
     _add_serving_commands(commands)
+    _add_runs_command(commands)
     requests = commands.add_parser("requests", help="raw requests rebuilt from prepared examples (to try predict/serve)")
     requests.add_argument("--data", required=True, type=Path, help="prepared examples directory (with dataset.json)")
     requests.add_argument("--split", default=defaults.SPLIT, help="split to sample (default: %(default)s)")
@@ -106,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     requests.add_argument("--quiet", action="store_true", help="no log lines")
     return parser
+
+
+def _add_runs_command(commands: argparse._SubParsersAction) -> None:
+    runs = commands.add_parser("runs", help="one table over many runs: config keys that differ, best validation "
+                                            "AUC, wall time, test metrics")
+    runs.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                      help="run directories of `msit-rec fit`, or directories holding them (one level down)")
+    runs.add_argument("--evaluation", dest="evaluations", action="append", default=[], type=Path, metavar="METRICS",
+                      help="metrics.json or `evaluate --out` directory: its test-split models add their run's test "
+                           "AUC and logloss (matched by run directory); repeatable")
+    runs.add_argument("--out", type=Path, help="also write the table to this directory as runs.md and runs.csv")
+    runs.add_argument("--overwrite", action="store_true", help="replace earlier tables in --out")
+    runs.add_argument("--quiet", action="store_true", help="no log lines")
 
 
 def _add_explain_command(commands: argparse._SubParsersAction) -> None:
@@ -139,6 +160,9 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--precision", default=defaults.PRECISION,
                         help="table storage: fp32 | fp16 | int8 (every table) or TABLE=P,... e.g. item=int8,user=fp16 "
                              "(the others fp32) (default: %(default)s)")
+    export.add_argument("--compute", default=defaults.COMPUTE, choices=defaults.COMPUTES,
+                        help="dtype of the dense products: bf16 only where this CPU multiplies bf16 natively (AMX, "
+                             "AVX512-BF16); parity is then checked on the AUC (default: %(default)s)")
     export.add_argument("--aoti", action="store_true", help="also write an AOTInductor package (compiles for ~30 s)")
     export.add_argument("--split", default=defaults.SPLIT, help="split the parity check scores (default: %(default)s)")
     export.add_argument("--parity_rows", type=int, help="score at most this many rows for parity (default: all)")
@@ -211,7 +235,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         _print_config("dataset", config)
         return
     _require(args, "out")
-    meta = prepare(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    meta = prepare(config, args.out, progress=not args.quiet, overwrite=args.overwrite, vocab_from=args.vocab_from)
     print(meta.summary_table())
     print(f"examples written to {args.out} (dataset.json, train/ valid/ test/, vocab/)")
 
@@ -231,10 +255,13 @@ def run_fit(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return
     _require(args, "data", "out")
-    result = fit(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    result = fit(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
     if not is_launching_process():  # the other ranks return the same result: report it once
         return
-    if result.best_val_auc is not None:
+    if result.monitor not in (None, "val/auc") and result.best_score is not None:  # picked by another metric
+        auc = "" if result.best_val_auc is None else f" (validation AUC {result.best_val_auc:.5f})"
+        print(f"best {result.monitor} {result.best_score:.5f}{auc}")
+    elif result.best_val_auc is not None:
         print(f"best validation AUC {result.best_val_auc:.5f}")
     print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last); logs: {result.log_dir}")
 
@@ -281,13 +308,23 @@ def run_export(args: argparse.Namespace) -> None:
     from msit_rec.export.summary import export_summary
 
     manifest = export_run(
-        args.run, args.out, checkpoint=args.checkpoint, precision=args.precision, aoti=args.aoti, split=args.split,
-        parity_rows=args.parity_rows, batch_size=args.batch_size, max_logit_diff=args.max_logit_diff,
+        args.run, args.out, checkpoint=args.checkpoint, precision=args.precision, compute=args.compute, aoti=args.aoti,
+        split=args.split, parity_rows=args.parity_rows, batch_size=args.batch_size, max_logit_diff=args.max_logit_diff,
         max_auc_drop=args.max_auc_drop,
         parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=not args.quiet,
     )
     print(export_summary(manifest))
     print(f"artifact written to {args.out}")
+
+
+def run_runs(args: argparse.Namespace) -> None:
+    from msit_rec.runs import LEGEND, markdown_table, runs
+
+    rows, written = runs(args.dirs, args.evaluations, out_dir=args.out, overwrite=args.overwrite)
+    print(markdown_table(rows))
+    print(LEGEND)
+    if written:
+        print(f"table of {len(rows)} runs written to {args.out}: {', '.join(path.name for path in written)}")
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -347,7 +384,7 @@ def _section(content: dict, name: str, path: str) -> dict:
 COMMANDS = {
     "generate": run_generate, "prepare": run_prepare, "fit": run_fit, "evaluate": run_evaluate, "compare": run_compare,
     "export": run_export, "predict": run_predict, "serve": run_serve, "requests": run_requests,
-    "explain": run_explain,
+    "explain": run_explain, "runs": run_runs,
 }
 
 

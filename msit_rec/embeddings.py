@@ -140,7 +140,12 @@ class BatchEmbeddings(nn.Module):
         sequence_by_key = sequence.to_dict()
         if self.bags is not None:
             bag_input = KeyedJaggedTensor.concat([_one_key(sparse_by_key[n], n) for n in self.layout.bag_features])
-            pooled = self.bags(bag_input).values()  # [B, U]
+            looked = self.bags(bag_input)
+            if tuple(looked.keys()) == self.layout.bag_features:
+                pooled = looked.values()  # [B, U]
+            else:  # sharded tables on several ranks come back grouped by rank: back to the layout's order
+                by_key = looked.to_dict()
+                pooled = torch.cat([by_key[name] for name in self.layout.bag_features], dim=1)  # [B, U]
         else:
             pooled = hist_len.new_zeros((batch, 0), dtype=torch.float32)
         if self.path is SequencePath.EMBEDDING_COLLECTION:

@@ -36,8 +36,16 @@ from msit_rec.metrics_file import (
     write_scores,
 )
 from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
+from msit_rec.provenance import collect
 from msit_rec.report import REPORT_OUTPUTS, write_report
-from msit_rec.run_dir import NAMED_CHECKPOINTS, check_dataset, load_model, read_run, resolve_checkpoint
+from msit_rec.run_dir import (
+    NAMED_CHECKPOINTS,
+    check_dataset,
+    checkpoint_position,
+    load_model,
+    read_run,
+    resolve_checkpoint,
+)
 
 # Scored rows live in host memory whatever device scores them: the metrics need ~200 bytes per row (more than an
 # accelerator holds for tens of millions of rows) and CPU sums are deterministic (CUDA scatter-adds are not).
@@ -124,9 +132,11 @@ def evaluate_runs(
             scores_column=score_column(name),
             scenarios=split_metrics.scenarios,
             overall=split_metrics.overall,
+            run_dir=str(run.run_dir.resolve()),
+            checkpoint_position=checkpoint_position(ckpt),
         )
         scores[name] = scored.score
-    metrics = MetricsFile(version=METRICS_VERSION, models=models, scores_file=SCORES_FILE)
+    metrics = MetricsFile(version=METRICS_VERSION, models=models, scores_file=SCORES_FILE, provenance=collect())
     return Evaluation(metrics=metrics, rows=rows, scores=scores)
 
 

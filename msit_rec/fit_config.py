@@ -17,6 +17,9 @@ Variant = Literal["shared", "din", "din_sid", "star", "pepnet", "msit"]
 Activation = Literal["relu", "prelu", "gelu", "silu"]
 ShardingKind = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]
 EmbeddingOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
+# What picks checkpoints/best.ckpt and drives early stopping (TrainerConfig.monitor): the validation metric of that name
+# (msit_rec/train/val_metrics.py).
+Monitor = Literal["auc", "logloss", "scenario_auc"]
 
 
 class SequencePath(enum.Enum):
@@ -121,14 +124,24 @@ class TrainerConfig:
     batch_size: int = 4096
     eval_batch_size: int = 8192
     num_workers: int = 0  # on 2 cores the in-process loader is fastest (benchmarks/bench_loader.py)
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    # Lightning's names, or "auto": bf16-mixed where this host multiplies bf16 natively and a short probe measures
+    # it faster, else 32-true (msit_rec/train/auto_precision.py; the choice and why are in fit_result.json)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "32-true"
     seed: int = 0
     # seeded runs repeat bit for bit: without it some CPU kernels of the model's backward differ in the last bit
     # between identical runs, and the difference grows with training. False may be faster on GPU.
     deterministic: bool = True
-    early_stopping_patience: int = 2
+    # what picks checkpoints/best.ckpt and drives early stopping: "auc" (validation AUC over all rows, higher is
+    # better), "logloss" (validation logloss, lower is better) or "scenario_auc" (the unweighted mean of the
+    # per-scenario validation AUCs: a small scenario counts as much as the largest)
+    monitor: Monitor = "auc"
+    early_stopping_patience: int = 2  # validations without improvement of `monitor` before training stops
+    # Lightning's meaning: a float in (0, 1] validates every that fraction of an epoch, an int every that many
+    # training batches (at most the batches of an epoch). CTR training is often one epoch over a big log: 0.25
+    # validates, logs per-scenario metrics and may save best.ckpt four times in it
+    val_check_interval: int | float = 1.0
     tune_malloc: bool = True  # keep large freed blocks in glibc's heap (msit_rec/host.py): fewer page faults
-    log_every_n_steps: int = 20
+    log_every_n_steps: int = 20  # lowered to the steps of an epoch when an epoch has fewer (msit_rec/train/fit.py)
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
     progress_bar: bool = True
@@ -143,6 +156,12 @@ class TrainerConfig:
             raise ValueError(f"max_epochs must be >= 1 (or -1 with max_steps > 0), got {self.max_epochs}")
         if self.max_epochs == -1 and self.max_steps <= 0:
             raise ValueError("max_epochs=-1 (no epoch limit) needs max_steps > 0")
+        interval = self.val_check_interval
+        if (interval < 1) if isinstance(interval, int) else not 0.0 < interval <= 1.0:
+            raise ValueError(
+                f"val_check_interval: expected a fraction of an epoch in (0, 1] or a number of training batches >= 1, "
+                f"got {interval!r}"
+            )
 
 
 @dataclass

@@ -40,5 +40,10 @@ def is_launching_process() -> bool:
     Checks on the output directory and user-facing error lines belong to this process only (rank 0 of the job):
     the other ranks run the same command, started by Lightning after this process's checks or by a cluster launcher
     at the same time, and must not judge the run directory rank 0 is creating.
+
+    Under torchrun its global RANK alone decides: torchrun may run inside another launcher (srun, a Kubernetes pod)
+    whose variables describe the torchrun agent, not the rank — with c10d rendezvous global rank 0 can be on any node.
     """
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # set by torchrun in every rank it starts
+        return os.environ.get("RANK", "0") == "0"
     return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)

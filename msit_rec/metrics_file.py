@@ -1,6 +1,7 @@
 """What `msit-rec evaluate` saves and `msit-rec compare` reads: `metrics.json` and `scores.parquet`.
 
-`metrics.json` (versioned) holds every model's per-scenario and overall metrics; `scores.parquet` next to it holds
+`metrics.json` (versioned) holds every model's per-scenario and overall metrics, the run and checkpoint (epoch, step)
+each model is, and the provenance of the evaluation (versions, git commit, host); `scores.parquet` next to it holds
 one row per test example (row_index, scenario, user_id, label) and one score column per model, so that a later
 comparison can pair models on the same rows without re-scoring. Kept apart from `evaluate` so that reading
 results never imports the model stack.
@@ -20,6 +21,7 @@ import torch
 from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import DataError
 from msit_rec.metrics import ScoredRows, SliceMetrics, SplitMetrics
+from msit_rec.provenance import CheckpointPosition, Provenance
 
 METRICS_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -37,6 +39,9 @@ class ModelMetrics:
     scores_column: str  # the column of scores.parquet holding this model's scores
     scenarios: dict[str, SliceMetrics]
     overall: SliceMetrics
+    # later additions, None in files written before them
+    run_dir: str | None = None  # the run directory (absolute): how `msit-rec runs` finds a run's evaluation
+    checkpoint_position: CheckpointPosition | None = None
 
     @property
     def metrics(self) -> SplitMetrics:
@@ -48,6 +53,7 @@ class MetricsFile:
     version: int
     models: dict[str, ModelMetrics]
     scores_file: str | None  # relative to metrics.json; None when no scores were saved
+    provenance: Provenance | None = None  # of the evaluate run (None in files written before it was recorded)
 
 
 def score_column(model_name: str) -> str:

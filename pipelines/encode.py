@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
 from msit_rec.data.encoding import hash_bucket
 from msit_rec.data.spec import FIRST_VOCAB_INDEX, OOV_INDEX
+from msit_rec.errors import DataError
 from pipelines.config import CategoricalFeature
 
 RAW = "raw"
@@ -70,3 +72,44 @@ def fit_encoder(feature: CategoricalFeature, train_values: pl.Series) -> FittedE
         (pl.int_range(pl.len(), dtype=pl.Int64) + FIRST_VOCAB_INDEX).alias(INDEX)
     ).select(RAW, INDEX, COUNT)
     return FittedEncoder(feature, vocab, FIRST_VOCAB_INDEX + len(vocab))
+
+
+def read_vocabulary(path: str | Path, feature: str) -> pl.DataFrame:
+    """A vocabulary file as `prepare` writes it (RAW, INDEX, COUNT), checked enough to extend it safely."""
+    try:
+        vocab = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"vocabulary {path} (feature '{feature}'): unreadable ({exc})") from None
+    if not {RAW, INDEX} <= set(vocab.columns):
+        raise DataError(f"vocabulary {path} (feature '{feature}'): expected columns {RAW}, {INDEX}, {COUNT}; "
+                        f"found {vocab.columns}")
+    if COUNT not in vocab.columns:
+        vocab = vocab.with_columns(pl.lit(0, dtype=pl.Int64).alias(COUNT))
+    return vocab.select(RAW, pl.col(INDEX).cast(pl.Int64), pl.col(COUNT).cast(pl.Int64)).sort(INDEX)
+
+
+def extend_encoder(
+    feature: CategoricalFeature, train_values: pl.Series, parent: pl.DataFrame, parent_cardinality: int
+) -> FittedEncoder:
+    """The parent's vocabulary with every index kept, plus the train ids it lacks that pass `min_count`, appended
+    after the parent's last row most frequent first (ties by raw value). Parent ids absent from this train split
+    keep their index (their COUNT becomes 0): a table never shrinks. Hashed features are stable already."""
+    if feature.encoding == "hash":
+        return fit_encoder(feature, train_values)
+    raw_type = parent[RAW].dtype
+    values = train_values.drop_nulls()
+    cast = values.cast(raw_type, strict=False)
+    if cast.null_count():  # an int vocabulary and text ids that are not ints: the ids would silently become OOV
+        bad = values.filter(cast.is_null()).head(3).to_list()
+        raise DataError(f"feature '{feature.name}': raw ids {bad} do not fit the --vocab-from vocabulary's type "
+                        f"{raw_type} (column '{feature.column}' changed type?)")
+    counts = cast.to_frame(RAW).group_by(RAW).agg(pl.len().cast(pl.Int64).alias(COUNT))
+    known = parent.drop(COUNT).join(counts, on=RAW, how="left").with_columns(pl.col(COUNT).fill_null(0))
+    new = (
+        counts.join(parent.select(RAW), on=RAW, how="anti")
+        .filter(pl.col(COUNT) >= feature.min_count)
+        .sort([COUNT, RAW], descending=[True, False])
+        .with_columns((pl.int_range(pl.len(), dtype=pl.Int64) + parent_cardinality).alias(INDEX))
+    )
+    vocab = pl.concat([known.select(RAW, INDEX, COUNT), new.select(RAW, INDEX, COUNT)]).sort(INDEX)
+    return FittedEncoder(feature, vocab, parent_cardinality + len(new))

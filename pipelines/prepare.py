@@ -43,7 +43,7 @@ from msit_rec.data.spec import (
     SplitStats,
 )
 from msit_rec.errors import DataError
-from msit_rec.outputs import staged_dir
+from msit_rec.outputs import check_no_overlap, staged_dir
 from pipelines.config import FEEDBACK_FROM_LABEL, FEEDBACK_TABLE, CategoricalFeature, DatasetConfig
 from pipelines.encode import INDEX, RAW, FittedEncoder, distinct_text_map, fit_encoder
 from pipelines.history import HIST_HI, HIST_LO, HistoryEvents, index_histories, precomputed_lists
@@ -61,6 +61,7 @@ from pipelines.validate import (
     tag_rows,
     ts_problem,
 )
+from pipelines.vocab_from import ParentVocab
 from pipelines.write import ShardWriter
 
 log = logging.getLogger("msit_rec.prepare")
@@ -99,8 +100,14 @@ class Validated:
     ts_problems: dict[str, int]  # bad_ts kind → rows
 
 
-def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, overwrite: bool = False) -> DatasetMeta:
+def prepare(
+    config: DatasetConfig, out_dir: str | Path, progress: bool = False, overwrite: bool = False,
+    vocab_from: str | Path | None = None,
+) -> DatasetMeta:
     """Run the whole pipeline; returns (and writes) the dataset metadata.
+
+    `vocab_from`: an earlier examples directory whose vocabularies are kept and extended (pipelines/vocab_from.py),
+    checked against `config` before the log is read.
 
     Refuses, before reading anything and whatever `overwrite` says, an output that overlaps the source. The
     output is built in a temporary sibling of `out_dir` that replaces it only when complete, so a failure
@@ -108,8 +115,12 @@ def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, 
     """
     out_dir = Path(out_dir)
     check_output_outside_source(config.source.path, out_dir)
+    parent = None
+    if vocab_from is not None:
+        check_no_overlap(vocab_from, out_dir, source_flag="--vocab-from")
+        parent = ParentVocab.load(vocab_from, config)
     with staged_dir(out_dir, overwrite, OUTPUT_ENTRIES) as staging:
-        meta = _prepare_into(config, staging, progress)
+        meta = _prepare_into(config, staging, progress, parent)
     if meta.rejects_file is not None:
         log.warning(
             "rejected %d rows: %s (see %s)", sum(meta.rejects.values()),
@@ -118,7 +129,7 @@ def prepare(config: DatasetConfig, out_dir: str | Path, progress: bool = False, 
     return meta
 
 
-def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> DatasetMeta:
+def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool, parent: ParentVocab | None) -> DatasetMeta:
     """The pipeline proper, writing everything under `out_dir` (a fresh staging directory)."""
     c = config.columns
     with step("read + validate"):
@@ -127,6 +138,8 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> Datas
     valid, scenarios, rows_in = checked.valid, checked.scenarios, checked.rows_in
     duplicates, ts_problems = checked.duplicates, checked.ts_problems
     del checked  # `valid` is rebuilt column by column below: no second reference may keep the first copy alive
+    if parent is not None:
+        parent.check_scenarios(scenarios)
 
     with step("split"):
         valid, boundaries = assign_splits(valid, config, c.user)
@@ -135,11 +148,12 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> Datas
         raise DataError(f"{config.source.path}: the train split is empty (split config {to_dict(config.split)})")
 
     with step("encode"):
-        encoders = {f.name: fit_encoder(f, train[f.column]) for f in config.categorical}
+        fit = fit_encoder if parent is None else parent.encoder
+        encoders = {f.name: fit(f, train[f.column]) for f in config.categorical}
         valid = valid.with_columns(
             [encoders[f.name].encode(valid[f.column]).alias(encoded(f.name)) for f in config.categorical]
         )
-        feedback = _feedback_encoder(config, train)
+        feedback = _feedback_encoder(config, train, parent)
         if feedback is not None:  # encoded like a categorical feature: a vocabulary of the train values
             valid = valid.with_columns(feedback.encode(_feedback_values(config, valid)).alias(encoded(FEEDBACK)))
         numeric_stats = {f.name: _numeric_stats(f.column, train[f.column], valid[f.column]) for f in config.numeric}
@@ -186,6 +200,7 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool) -> Datas
         duplicate_rows=duplicates,
         bad_ts=ts_problems,
         empty_scenarios=empty_scenarios,
+        lineage=parent.lineage({**encoders, **({FEEDBACK: feedback} if feedback else {})}) if parent else None,
     )
     meta.content_hash = _content_hash(out_dir, [f for s in splits.values() for f in s.files] + list(vocab_files.values()))
     meta.save(out_dir / "dataset.json")
@@ -351,13 +366,13 @@ def _feedback_values(config: DatasetConfig, rows: pl.DataFrame) -> pl.Series:
     return rows[column].cast(pl.String)
 
 
-def _feedback_encoder(config: DatasetConfig, train: pl.DataFrame) -> FittedEncoder | None:
+def _feedback_encoder(config: DatasetConfig, train: pl.DataFrame, parent: ParentVocab | None) -> FittedEncoder | None:
     """Vocabulary of the train split's feedback values (every value seen once counts), or None without feedback."""
     if config.history.feedback is None:
         return None
     source = LABEL if config.history.feedback == FEEDBACK_FROM_LABEL else config.history.feedback
     feature = CategoricalFeature(FEEDBACK, source, table=FEEDBACK_TABLE, embedding_dim=_item_dim(config))
-    return fit_encoder(feature, _feedback_values(config, train))
+    return (fit_encoder if parent is None else parent.encoder)(feature, _feedback_values(config, train))
 
 
 def _item_dim(config: DatasetConfig) -> int:

@@ -97,6 +97,26 @@ def test_movielens_popularity_shelves_come_from_the_early_period_only(shared_dat
     assert shelves["rating"].to_list() == ratings["rating"].to_list()
 
 
+def test_movielens_session_context_is_known_when_the_rating_happens(tmp_path: Path) -> None:
+    """scenario_by: session, by hand: the user's first session is onboarding; a later session's first `binge_after`
+    ratings are visits, the rest binge; a pause over `session_gap_s` starts a session; rows keep the file's order."""
+    root = tmp_path / "ml"
+    write_csv(root / "movies.csv", ["movieId", "title", "genres"], [[m, f"M{m} (1999)", "Drama"] for m in (1, 2, 3, 4, 5)])
+    rows = [  # user, movie, rating, ts, expected scenario (file order shuffled on purpose)
+        (1, 3, 4.0, 10_000, "visit"),  # 9,900 s after the last onboarding rating: session 2, position 0
+        (1, 1, 5.0, 0, "onboarding"),
+        (2, 1, 2.0, 50_000, "onboarding"),  # user 2's only session
+        (1, 2, 3.0, 100, "onboarding"),  # 100 s later: still the first session
+        (1, 5, 1.0, 10_200, "binge"),  # position 2 of session 2, binge_after = 2
+        (1, 4, 4.5, 10_100, "visit"),
+        (1, 1, 4.0, 20_000, "visit"),  # 9,800 s pause: session 3, position 0
+    ]
+    write_csv(root / "ratings.csv", ["userId", "movieId", "rating", "timestamp"], [list(r[:4]) for r in rows])
+    frame = read_movielens(source(root, "movielens", scenario_by="session", session_gap_s=3600, binge_after=2)).collect()
+    assert frame["scenario"].to_list() == [r[4] for r in rows]
+    assert frame["ts"].to_list() == [r[3] for r in rows]
+
+
 def test_movielens_contract_and_row_count(movielens: pl.DataFrame, shared_data: Path) -> None:
     check_contract(movielens, pl.String)
     ratings = csv_rows(shared_data / "ml-latest-small" / "ratings.csv")

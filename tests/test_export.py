@@ -418,3 +418,38 @@ def test_aoti_package_scores_like_the_eager_model(run: Path, batch, meta, tmp_pa
         for rows in (1, 7, ROWS):
             torch.testing.assert_close(package(*(x[:rows] for x in inputs))[0], expected[:rows], rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "aoti" / "manifest.json").read_text())["aoti"] is True
+
+
+@pytest.mark.parametrize("variant", ["msit", "star"])
+def test_bf16_compute_runs_the_dense_part_in_bf16_close_to_the_model(meta, batch, variant: str) -> None:
+    model = trained_like(meta, variant, SequencePath.POOLED_BAGS)
+    serving = ServingModel(model, meta, {}, compute="bf16")
+    assert {p.dtype for p in serving.head.parameters()} == {torch.bfloat16}
+    assert {t.weight.dtype for t in serving.tables.values()} == {torch.float32}  # tables keep their own precision
+    with torch.no_grad():
+        expected = model(batch)
+        got, attention = serving(*batch_to_inputs(batch, input_schema(meta)))
+    assert got.dtype == attention.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: the logits move by a few hundredths at most, and rank the rows alike
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert np.corrcoef(got.numpy(), expected.numpy())[0, 1] > 0.999
+
+
+def test_bf16_compute_artifact_is_checked_on_the_auc(run: Path, tmp_path: Path) -> None:
+    if not exporter_module.native_bf16_flags():
+        pytest.skip("this CPU has no native bf16 products: export --compute bf16 refuses (tested below)")
+    manifest = export_run(run, tmp_path / "bf16", compute="bf16", progress=False)
+    assert manifest.compute == "bf16" and Manifest.load(tmp_path / "bf16").compute == "bf16"
+    parity = manifest.parity
+    assert parity.passed and parity.tolerance is None and parity.max_auc_drop == 1e-3
+    assert 0 < parity.max_abs_logit_diff < 0.1
+    assert all(s.auc_drop <= 1e-3 for s in parity.scenarios.values())
+
+
+def test_bf16_compute_is_refused_where_bf16_is_emulated(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(exporter_module, "native_bf16_flags", list)
+    code = main(["export", "--run", str(run), "--out", str(tmp_path / "art"), "--compute", "bf16", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--compute bf16" in err and "no native bf16" in err and "--compute fp32" in err
+    assert not (tmp_path / "art").exists()

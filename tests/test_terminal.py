@@ -141,6 +141,23 @@ def test_fit_logs_its_hyperparameters(quiet_fit, small_examples: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_process_fit_logs_validation_metrics_of_all_ranks(quiet_fit, small_examples: Path) -> None:
+    """Each rank validates its half of the valid split (one batch of eval_batch_size 8192 holds all of it); the
+    logged AUC, GAUC and logloss, overall and per scenario, are scikit-learn's over all rows — not rank 0's half, not
+    an average of the ranks' values."""
+    from msit_rec.data.spec import DatasetMeta
+    from tests.logged_metrics import sklearn_validation_metrics, valid_predictions, validations
+
+    run, _ = quiet_fit
+    (logged,) = validations(run)  # one epoch, one validation: best.ckpt holds the weights it validated
+    scenarios = DatasetMeta.load(small_examples).scenarios
+    expected = sklearn_validation_metrics(valid_predictions(run, "best"), scenarios)
+    assert len(scenarios) >= 2 and len(expected) == 4 + 2 * len(scenarios)
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value, abs=1e-6), name
+
+
+@pytest.mark.slow
 def test_two_process_fit_prints_each_line_once_and_bars_on_stderr(small_examples: Path, tmp_path: Path) -> None:
     result = fit(small_examples, tmp_path / "run")
     check_default_output(result, result_lines=2)

@@ -80,6 +80,21 @@ class HistoryInfo:
 
 
 @dataclass
+class Lineage:
+    """Where an incrementally prepared dataset's vocabularies come from (`prepare --vocab-from PARENT`).
+
+    Every id of the parent keeps its index and tables only grow, so a model trained on any ancestor can be
+    warm-started on (`fit --init-from`) or scored on (`evaluate`) this dataset: its rows are a prefix of these.
+    """
+
+    parent: str  # the parent examples directory, as given to --vocab-from
+    parent_hash: str  # the parent's content_hash
+    ancestors: list[str]  # content hashes of the parent, its parent, ... (nearest first)
+    parent_rows: dict[str, int]  # table → the parent's rows (padding and OOV included)
+    added: dict[str, int]  # table → ids appended after the parent's rows
+
+
+@dataclass
 class DatasetMeta:
     """Everything downstream needs to know about a prepared dataset (`dataset.json`)."""
 
@@ -101,6 +116,9 @@ class DatasetMeta:
     duplicate_rows: int = 0  # valid rows equal to an earlier one; also in rejects['duplicate'] when dropped
     bad_ts: dict[str, int] = field(default_factory=dict)  # kind of the bad_ts rejects (milliseconds, negative, ...)
     empty_scenarios: dict[str, list[str]] = field(default_factory=dict)  # split → declared scenarios with no rows
+    # Set by `prepare --vocab-from` only; absent from dataset.json otherwise, so such files stay readable by older
+    # msit-rec versions (which refuse unknown keys).
+    lineage: Lineage | None = None
 
     def __post_init__(self) -> None:
         for spec in self.features:  # dataset.json files written before roles existed: the scenario-encoded sequence
@@ -125,6 +143,12 @@ class DatasetMeta:
             f"feature '{name}' is not in dataset '{self.name}' (dataset.json has {[f.name for f in self.features]})"
         )
 
+    def descends_from(self, content_hash: str) -> bool:
+        """Whether this dataset is `content_hash` itself or was prepared from it by a chain of `--vocab-from`."""
+        return content_hash == self.content_hash or (
+            self.lineage is not None and content_hash in self.lineage.ancestors
+        )
+
     def features_of_kind(self, kind: FeatureKind) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == kind]
 
@@ -147,6 +171,9 @@ class DatasetMeta:
             lines.append(f"{split:<6} {'(all)':<16} {stats.rows:>12,} {1:>7.0%} {stats.clicks:>10,} {stats.ctr:>7.2%}")
         rejected = sum(self.rejects.values())
         lines.append(f"rows in {self.rows_in:,}; rejected {rejected:,} {self.rejects if rejected else ''}".rstrip())
+        if self.lineage is not None:
+            added = ", ".join(f"{table} +{n:,}" for table, n in self.lineage.added.items() if n) or "none"
+            lines.append(f"vocabularies from {self.lineage.parent}; ids added: {added}")
         return "\n".join(lines + self.warnings())
 
     def warnings(self) -> list[str]:
@@ -163,7 +190,10 @@ class DatasetMeta:
         return lines
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n")
+        data = to_dict(self)
+        if data["lineage"] is None:  # keep files without lineage readable by versions that do not know the key
+            del data["lineage"]
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetMeta:

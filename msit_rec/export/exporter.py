@@ -10,7 +10,6 @@ it only when complete and passing: a failed parity leaves `out_dir` as it was, k
 
 from __future__ import annotations
 
-import datetime
 import platform
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from msit_rec.export.precision import parse_precision
 from msit_rec.export.program import compile_aoti, export_program, load_program, save_program
 from msit_rec.export.serving_model import ServingModel, embedding_table_names
 from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
-from msit_rec.run_dir import check_dataset, load_model, read_run, resolve_checkpoint
+from msit_rec.provenance import BF16_CPU_FLAGS, collect, native_bf16_flags, utc_now
+from msit_rec.run_dir import check_dataset, checkpoint_position, load_model, read_run, resolve_checkpoint
 from msit_rec.serving.contract import AOTI_FILE, ARTIFACT_VERSION, PROGRAM_FILE, InputSchema, Manifest, ParityReport
 
 SERVING_DEVICE = torch.device("cpu")  # where the serving runtime runs the program unless told otherwise
@@ -42,6 +42,7 @@ def export_run(
     *,
     checkpoint: str = defaults.CHECKPOINT,
     precision: str | dict[str, str] = defaults.PRECISION,
+    compute: str = defaults.COMPUTE,
     aoti: bool = False,
     split: str = defaults.SPLIT,
     parity_rows: int | None = None,
@@ -55,8 +56,9 @@ def export_run(
 ) -> Manifest:
     """Write the artifact of `run_dir`'s checkpoint to `out_dir` and return its manifest.
 
-    `precision`: see `parse_precision`. Parity bounds: by default |Δ logit| ≤ 1e-5 when every table is fp32,
-    else per-scenario AUC drop ≤ 0.001; `max_logit_diff` / `max_auc_drop` set (and switch on) either bound.
+    `precision`: see `parse_precision`. `compute`: the dtype of the program's dense products, fp32 or bf16 (only
+    where this host multiplies bf16 natively: AMX or AVX512-BF16). Parity bounds: by default |Δ logit| ≤ 1e-5 when
+    every table and the compute are fp32, else per-scenario AUC drop ≤ 0.001; `max_logit_diff` / `max_auc_drop` set (and switch on) either bound.
     `parity_gate=False` keeps a failed artifact without raising. `device`: where the program's weights live
     (default the host CPU, where serving runs).
     """
@@ -68,6 +70,7 @@ def export_run(
     meta = DatasetMeta.load(run.data_dir)
     check_dataset(run, meta, run.data_dir)
     tables = parse_precision(precision, embedding_table_names(meta))
+    check_compute(compute, device)
     if split not in meta.splits:
         raise ConfigError(f"--split {split!r}: the dataset has splits {list(meta.splits)}")
     check_no_overlap(run.run_dir, out_dir, "--run")
@@ -77,9 +80,9 @@ def export_run(
     model = load_model(run, ckpt, meta, device)
     schema = input_schema(meta)
     dataset = ExamplesDataset(run.data_dir, split, batch_size)
-    bounds = ParityBounds.for_precision(tables).overridden(max_logit_diff, max_auc_drop)
+    bounds = ParityBounds.for_precision(tables, compute).overridden(max_logit_diff, max_auc_drop)
     with staged_dir(out_dir, overwrite, ARTIFACT_ENTRIES) as staging:
-        serving = ServingModel(model, meta, tables)
+        serving = ServingModel(model, meta, tables, compute)
         save_program(export_program(serving, _example_inputs(dataset, schema, device)), staging / PROGRAM_FILE)
         programs = [PROGRAM_FILE]
         if aoti:
@@ -96,7 +99,7 @@ def export_run(
             checked[name] = parity_report(pairs, split, meta.scenarios, bounds, *table_bytes)
         manifest = Manifest(
             artifact_version=ARTIFACT_VERSION,
-            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            created_at=utc_now(),
             versions={"torch": torch.__version__, "msit_rec": msit_rec.__version__, "python": platform.python_version()},
             run_dir=str(run.run_dir.resolve()),
             checkpoint=str(ckpt.resolve()),
@@ -108,7 +111,10 @@ def export_run(
             files=hash_files(staging, written),
             aoti=aoti,
             parity=_worst(checked),
-            notes=[*_parity_notes(checked), "the scenario embedding (S rows) is a dense module and always fp32"],
+            notes=[*_parity_notes(checked), f"the scenario embedding (S rows) is a dense module: {compute}, like the gate, attention and tower"],
+            checkpoint_position=checkpoint_position(ckpt),
+            provenance=collect(),
+            compute=compute,
         )
         manifest.save(staging)
         if parity_gate and not manifest.parity.passed:
@@ -119,6 +125,15 @@ def export_run(
                 f"deliberately)\n{describe_parity(manifest.parity)}"
             )
     return manifest
+
+
+def check_compute(compute: str, device: torch.device) -> None:
+    """bf16 products only where they are native: elsewhere the CPU emulates them, slower than fp32."""
+    if compute not in defaults.COMPUTES:
+        raise ConfigError(f"--compute {compute!r}: expected one of {list(defaults.COMPUTES)}")
+    if compute == "bf16" and device.type == "cpu" and not native_bf16_flags():
+        raise ConfigError(f"--compute bf16: this CPU has no native bf16 products (none of {list(BF16_CPU_FLAGS)}), "
+                          "so a bf16 program would run slower than fp32 here; export with --compute fp32")
 
 
 def _example_inputs(dataset: ExamplesDataset, schema: InputSchema, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -32,8 +32,9 @@ class ParityBounds:
     max_auc_drop: float | None
 
     @classmethod
-    def for_precision(cls, precision: dict[str, Precision]) -> ParityBounds:
-        if all(p == "fp32" for p in precision.values()):
+    def for_precision(cls, precision: dict[str, Precision], compute: str = "fp32") -> ParityBounds:
+        """fp32 everywhere: the logits within float rounding; any lower precision: the AUC per scenario."""
+        if compute == "fp32" and all(p == "fp32" for p in precision.values()):
             return cls(FP32_LOGIT_TOLERANCE, None)
         return cls(None, QUANTISED_AUC_DROP)
 

@@ -27,6 +27,8 @@ from msit_rec.model import RankingModel
 from msit_rec.modules.target_attention import lengths_to_mask
 from msit_rec.serving.contract import Precision
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # export --compute
+
 
 @dataclass(frozen=True)
 class ServingSlot:
@@ -68,7 +70,9 @@ class ServingModel(nn.Module):
     """(logits [B], attention [B, L]) of B rows over C contexts: (sparse [B, Fs], history [C, K, L], hist_len [C],
     scenario [C], dense [B, Fd], context [B]) — see msit_rec/serving/contract.py."""
 
-    def __init__(self, model: RankingModel, meta: DatasetMeta, precision: dict[str, Precision]) -> None:
+    def __init__(
+        self, model: RankingModel, meta: DatasetMeta, precision: dict[str, Precision], compute: str = "fp32"
+    ) -> None:
         super().__init__()
         schema = input_schema(meta)
         layout = model.embeddings.layout
@@ -92,7 +96,10 @@ class ServingModel(nn.Module):
         gated, feedback = model.head.gate is not None, meta.behaviour_feedback
         self.own_scenario_row = schema.sequence.index(meta.behaviour_scenario.name) if gated else None
         self.feedback_row = schema.sequence.index(feedback.name) if gated and feedback is not None else None
-        self.head = copy.deepcopy(model.head)
+        # the dense part (gate, attention, tower, scenario embedding) in the compute dtype: with bf16 its products
+        # run on the CPU's bf16 units; lookups, masks and the outputs stay fp32
+        self.compute_dtype = COMPUTE_DTYPES[compute]
+        self.head = copy.deepcopy(model.head).to(self.compute_dtype)
         self.requires_grad_(False)
         self.eval()
 
@@ -120,8 +127,9 @@ class ServingModel(nn.Module):
             targets.append(
                 table(sparse[:, slot.target_column]) if slot.target_column is not None else rows.new_zeros(batch, slot.dim)
             )
-        target = torch.cat(targets, dim=-1)  # [B, D]
-        behaviours = torch.cat(sequences, dim=-1)  # [C, L, D]
+        target = torch.cat(targets, dim=-1).to(self.compute_dtype)  # [B, D]
+        behaviours = torch.cat(sequences, dim=-1).to(self.compute_dtype)  # [C, L, D]
+        pooled, dense = pooled.to(self.compute_dtype), dense.to(self.compute_dtype)
         gate = None
         if self.own_scenario_row is not None:
             own = torch.where(mask, history[:, self.own_scenario_row], 0)  # [C, L]
@@ -131,4 +139,5 @@ class ServingModel(nn.Module):
         scenario = scenario.index_select(0, context)  # [B]
         scenario_emb = self.head.scenario_vectors(scenario)  # [B, E]
         interest, weights = self.head.interest_padded(behaviours, mask, target, scenario_emb, context, gate)
-        return self.head(pooled, target, interest, dense, scenario, scenario_emb), weights
+        logits = self.head(pooled, target, interest, dense, scenario, scenario_emb)
+        return logits.float(), weights.float()

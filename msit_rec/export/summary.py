@@ -12,7 +12,8 @@ def export_summary(manifest: Manifest) -> str:
     for t in manifest.tables:
         lines.append(f"{t.name:<16} {t.rows:>10,} {t.dim:>4} {t.precision:>9} {t.bytes:>12,} {t.fp32_bytes:>12,}")
     programs = ", ".join(name for name in manifest.files if name.endswith(".pt2"))
-    lines.append(f"programs: {programs} ({manifest.model.variant}, dataset {manifest.dataset_hash[:12]})")
+    lines.append(f"programs: {programs} ({manifest.model.variant}, {manifest.compute} dense products, dataset "
+                 f"{manifest.dataset_hash[:12]})")
     if manifest.parity is not None:
         lines.append(describe_parity(manifest.parity))
     lines += [f"note: {note}" for note in manifest.notes]

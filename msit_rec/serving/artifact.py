@@ -103,6 +103,7 @@ class RankingArtifact:
             "scenarios": list(self.manifest.inputs.scenarios),
             "max_len": self.manifest.inputs.max_len,
             "tables": {t.name: t.precision for t in self.manifest.tables},
+            "compute": self.manifest.compute,
             "torch": torch.__version__,
         }
 

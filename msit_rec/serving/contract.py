@@ -2,7 +2,7 @@
 
 An artifact is a directory:
 
-    manifest.json        Manifest below (versions, input schema, table precisions, file hashes, parity)
+    manifest.json        Manifest below (versions, input schema, table precisions, file hashes, parity, provenance)
     program.pt2          torch.export program of the serving model (dynamic batch dimension) — portable
     program_aoti.pt2     optional AOTInductor package of the same program — fast, tied to this torch build
     dataset.json         the DatasetMeta the model was trained on (feature spec, scenarios, numeric stats)
@@ -36,6 +36,7 @@ from typing import Literal
 from msit_rec.config import load_versioned_json, to_dict
 from msit_rec.errors import DataError
 from msit_rec.fit_config import ModelConfig
+from msit_rec.provenance import CheckpointPosition, Provenance
 
 ARTIFACT_VERSION = 3  # 2: per-context history/hist_len/scenario + `context` input; 3: + the attention output
 OLDEST_ARTIFACT_VERSION = 2  # still served (logits only: no behaviours per candidate)
@@ -114,6 +115,11 @@ class Manifest:
     aoti: bool  # program_aoti.pt2 present
     parity: ParityReport | None = None
     notes: list[str] = field(default_factory=list)
+    # the checkpoint's epoch and step, and what the export ran with (git commit, host, all versions); None in
+    # artifacts exported before they were recorded
+    checkpoint_position: CheckpointPosition | None = None
+    provenance: Provenance | None = None
+    compute: str = "fp32"  # dtype of the program's dense part (`export --compute`); tables keep their own precision
 
     def save(self, artifact_dir: str | Path) -> None:
         Path(artifact_dir, MANIFEST_FILE).write_text(json.dumps(to_dict(self), indent=2) + "\n")

@@ -1,8 +1,9 @@
 """LightningModule and LightningDataModule for the ranking model.
 
 The module holds the RankingModel (tables on the meta device; TorchRecStrategy shards them), a weighted BCE loss
-(padding rows of keep-all evaluation batches have weight 0), exact validation AUC over all ranks (torchmetrics
-gathers every prediction, it does not average per-rank AUCs), and the dense optimizer with its LR schedule.
+(padding rows of keep-all evaluation batches have weight 0), exact validation metrics over all ranks, overall and per
+scenario (msit_rec/train/val_metrics.py: every rank's rows are gathered, per-rank AUCs are never averaged), and the
+dense optimizer with its LR schedule.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics.classification import BinaryAUROC
 
 from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
@@ -25,6 +25,7 @@ from msit_rec.fit_config import ModelConfig, OptimConfig
 from msit_rec.model import RankingModel
 from msit_rec.train.checkpoint import DATASET_HASH_KEY
 from msit_rec.train.optim import dense_parameters
+from msit_rec.train.val_metrics import ValidationMetrics
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
@@ -43,7 +44,7 @@ class RankingModule(pl.LightningModule):
         self.model = RankingModel(meta, model_config)
         self.optim = optim
         self.dataset_hash = meta.content_hash
-        self.val_auc = BinaryAUROC()
+        self.val_metrics = ValidationMetrics(meta.scenarios)
 
     def forward(self, batch: Batch) -> torch.Tensor:  # [B] logits
         return self.model(batch)
@@ -76,17 +77,17 @@ class RankingModule(pl.LightningModule):
         checkpoint[DATASET_HASH_KEY] = self.dataset_hash  # resume refuses examples the run was not trained on
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        logits = self(batch)
+        logits = self(batch)  # [B]
         real = batch.weight > 0
-        self.val_auc.update(torch.sigmoid(logits[real]), batch.label[real].long())
-        self.log(
-            "val/loss", self._weighted_loss(logits, batch), sync_dist=True, batch_size=int(real.sum()), prog_bar=True
-        )
+        self.val_metrics.update(logits[real], batch.label[real], batch.scenario[real], batch.user_id[real])
 
     def on_validation_epoch_end(self) -> None:
-        # compute() gathered every rank's predictions, so the value is the same everywhere: syncing averages equals
-        self.log("val/auc", self.val_auc.compute(), prog_bar=True, sync_dist=True)
-        self.val_auc.reset()
+        """Logs val/auc, val/logloss, val/gauc, val/scenario_auc and val/auc_<scenario>, val/gauc_<scenario>."""
+        # compute() gathered every rank's rows, so the values are the same everywhere: syncing averages equals
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        for name, value in values.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("auc", "logloss"), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
@@ -94,7 +95,9 @@ class RankingModule(pl.LightningModule):
         )
         total = int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, lambda step: lr_factor(step, total, self.optim))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # the name is what msit_rec/train/monitoring.py's DenseLearningRate logs
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr_dense"}}
 
 
 class ExamplesDataModule(pl.LightningDataModule):

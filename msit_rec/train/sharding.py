@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
@@ -95,6 +95,19 @@ def embedding_tables(module: nn.Module) -> dict[str, type[nn.Module]]:
             continue
         for table in configs:
             tables[table.name] = type(child)
+    return tables
+
+
+_COLLECTIONS = (EmbeddingBagCollection, EmbeddingCollection, ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)
+
+
+def table_parameters(module: nn.Module) -> dict[str, str]:
+    """State-dict key of every embedding table's weight (inside `module`, sharded or not) → the table name."""
+    tables: dict[str, str] = {}
+    for name, child in module.named_modules():
+        if isinstance(child, _COLLECTIONS):
+            for key in child.state_dict():  # `embedding_bags.<table>.weight` / `embeddings.<table>.weight`
+                tables[f"{name}.{key}" if name else key] = key.split(".")[-2]
     return tables
 
 

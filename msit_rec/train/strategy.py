@@ -15,6 +15,7 @@ Checkpoints are directories written by all ranks with torch.distributed.checkpoi
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +41,9 @@ from msit_rec.train.checkpoint import (
 )
 from msit_rec.train.optim import StepAllCombinedOptimizer, init_dense_state, keyed_dense_optimizer
 from msit_rec.train.sharding import make_sharders, plan_sharding, table_placements
+from msit_rec.train.warm_start import warm_start
 
+log = logging.getLogger(__name__)
 _DMP_ATTR = "_msit_dmp"  # where a sharded LightningModule keeps its DMP wrapper (not a registered child)
 DENSE_PARAM_GROUPS_KEY = "msit_dense_param_groups"  # trainer_state key: dense hyper-parameters (lr, ...)
 
@@ -69,14 +72,36 @@ def check_devices(device_type: str, devices: int) -> None:
         raise MsitError(f"trainer devices={devices} but this host has only {available} {what}; use devices<={available}")
 
 
+def check_launch(devices: int, num_nodes: int) -> None:
+    """Under torchrun: ConfigError unless trainer.devices is its processes per node (--nproc_per_node) and
+    trainer.num_nodes its node count (--nnodes).
+
+    Lightning compares only their product with WORLD_SIZE; a wrong split gives the planner a wrong topology (which
+    ranks share a host) and Lightning a wrong device list.
+    """
+    if not dist.is_torchelastic_launched():
+        return
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", int(os.environ["WORLD_SIZE"]) // per_node))
+    if (devices, num_nodes) != (per_node, nodes):
+        raise ConfigError(
+            f"trainer.devices={devices} and trainer.num_nodes={num_nodes}, but torchrun started {per_node} process(es) "
+            f"on each of {nodes} node(s): pass --set trainer.devices={per_node} --set trainer.num_nodes={nodes} "
+            f"(devices = --nproc_per_node, num_nodes = --nnodes)"
+        )
+
+
 class TorchRecStrategy(DDPStrategy):
     """DDPStrategy that shards TorchRec tables with DMP and checkpoints with DCP (see module docstring)."""
 
     strategy_name = "torchrec"
 
-    def __init__(self, sharding: ShardingConfig | None = None, **ddp_kwargs: Any) -> None:
+    def __init__(
+        self, sharding: ShardingConfig | None = None, init_from: str | Path | None = None, **ddp_kwargs: Any
+    ) -> None:
         super().__init__(**ddp_kwargs)
         self.sharding = sharding if sharding is not None else ShardingConfig()
+        self.init_from = Path(init_from) if init_from is not None else None  # warm start of a fit (warm_start.py)
 
     # --- launch -------------------------------------------------------------------------------------
     def _configure_launcher(self) -> None:
@@ -107,6 +132,14 @@ class TorchRecStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self.optimizers = [self._combine_optimizers(self.optimizers)]
+            if self.init_from is not None:  # shards and optimizer state exist now: fill them from the parent run
+                init_dense_state(self._dense_optimizer)
+                report = warm_start(self.lightning_module, self.optimizers[0], self.init_from)
+                if self.is_global_zero:
+                    log.info(report.summary(self.init_from))
+                    if report.fresh_state:
+                        log.warning("--init-from %s: no parent state for %s (fresh)", self.init_from,
+                                    report.fresh_state[:5])
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)

@@ -46,8 +46,10 @@ class MovieLensOptions:
     rating_threshold: float = 4.0  # rating >= this is a click
     genre_groups: dict[str, list[str]] = field(default_factory=_default_genre_groups)  # scenario → first genres
     other_scenario: str = "drama_other"  # scenario of every first genre not listed in genre_groups
-    scenario_by: Literal["genre", "popularity"] = "genre"
+    scenario_by: Literal["genre", "popularity", "session"] = "genre"
     popularity_period: float = 0.8  # share of the ratings (earliest first) the popularity tiers are counted on
+    session_gap_s: int = 3600  # `session`: a pause longer than this starts a new session of the user
+    binge_after: int = 10  # `session`: ratings of a later session from this position on are `binge`
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -80,10 +82,12 @@ def read_movielens(source: SourceConfig) -> pl.LazyFrame:
         (as_float("rating") >= options.rating_threshold).cast(pl.Int8).alias("label"),
         as_float("rating").alias("rating"),
     ).join(movie_features, on="item_id", how="left", maintain_order="left")
-    with_scenario = (
-        _with_popularity_tier(rated, options.popularity_period) if options.scenario_by == "popularity"
-        else rated.with_columns(_genre_group(options).alias("scenario"))
-    )
+    if options.scenario_by == "popularity":
+        with_scenario = _with_popularity_tier(rated, options.popularity_period)
+    elif options.scenario_by == "session":
+        with_scenario = _with_session_context(rated, options.session_gap_s, options.binge_after)
+    else:
+        with_scenario = rated.with_columns(_genre_group(options).alias("scenario"))
     return with_scenario.select("user_id", "item_id", "scenario", "ts", "label", "genre", "decade", "rating")
 
 
@@ -106,3 +110,16 @@ def _with_popularity_tier(rated: pl.LazyFrame, period: float) -> pl.LazyFrame:
     )
     joined = rated.join(tiers, on="item_id", how="left", maintain_order="left")
     return joined.with_columns(pl.col("scenario").fill_null(pl.lit("tail")))
+
+
+def _with_session_context(rated: pl.LazyFrame, gap_s: int, binge_after: int) -> pl.LazyFrame:
+    """`scenario` = where in the user's activity the rating happened, known when it happened (no future row read):
+    `onboarding` (the user's first session), `visit` (the first `binge_after` ratings of a later session), `binge`
+    (the rest of a later session). A session ends at a pause longer than `gap_s`. Rows keep the file's order."""
+    by_user = rated.with_row_index("_row").sort(["user_id", "ts", "item_id"])
+    session = (pl.col("ts").diff().over("user_id").fill_null(gap_s + 1) > gap_s).cum_sum().over("user_id")
+    with_session = by_user.with_columns(session.alias("_session"))
+    position = pl.int_range(pl.len()).over(["user_id", "_session"])
+    scenario = (pl.when(pl.col("_session") == 1).then(pl.lit("onboarding"))
+                .when(position < binge_after).then(pl.lit("visit")).otherwise(pl.lit("binge")))
+    return with_session.with_columns(scenario.alias("scenario")).sort("_row").drop("_row", "_session")
