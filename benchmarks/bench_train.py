@@ -6,6 +6,8 @@ peak RSS is per configuration:
 - `train_1p`: 1 process through the real path: examples loader → Lightning → TorchRecStrategy (DMP) → fused
   row-wise Adagrad for tables + AdamW for dense parameters, once per sequence path (`pooled_bags`,
   `embedding_collection`: the second shows FBGEMM's slow unpooled CPU backward, notes/torchrec-on-cpu.md);
+- `train_1p ... bf16-mixed`: the same under Lightning's bf16 autocast (what `trainer.precision: auto` picks where
+  bf16 products are native), against the bf16 matmul floor;
 - `train_2p`: the same on 2 processes (gloo), one thread each; examples/s counts both ranks;
 - `plain_twin`: the same architecture in plain PyTorch — `nn.Embedding` tables (sparse gradients, Adagrad) and the
   same dense modules (`RankingModel` with its embeddings swapped), AdamW, one process, the same loader;
@@ -17,7 +19,7 @@ peak RSS is per configuration:
   bounds training.
 - `floor`: the matmul floor of one step (benchmarks/matmul_floor.py): the twin's matrix products (forward and
   backward; the same dense modules as msit, so the same products), each timed alone, and the examples/s that time
-  alone would allow — the ceiling for any work on everything else.
+  alone would allow — the ceiling for any work on everything else; in fp32, and in bf16 when a bf16 row ran.
 
 Data: a synthetic log with long click histories (generator knobs below; the mean hist_len is reported, since
 the attention cost grows with it), prepared with synthetic_wide.yaml into a temporary directory (or `--data DIR`,
@@ -395,11 +397,18 @@ def main() -> None:
             rows.append(row)
             print(f"  {name:<32} {row['examples_per_s']:>8} ex/s  (runs {row['all_examples_per_s']}, "
                   f"load {row['load_avg_1m_before']})", flush=True)
-        floor = measure("floor", base, scratch, "floor") if not args.only or "floor" in args.only else None
+        floors = {}  # the matmul floor in each precision a training row ran in
+        if not args.only or "floor" in args.only:
+            floors["fp32"] = measure("floor", {**base, "dtype": "float32"}, scratch, "floor_fp32")
+            if any(r["name"].endswith("bf16-mixed") for r in rows):
+                floors["bf16"] = measure("floor", {**base, "dtype": "bfloat16"}, scratch, "floor_bf16")
+        floor = floors.get("fp32")
 
     by_name = {r["name"]: r for r in rows}
     twin = by_name.get("plain_twin", {}).get("examples_per_s")
     train = by_name.get("train_1p pooled_bags", {}).get("examples_per_s")
+    train_bf16 = by_name.get("train_1p pooled_bags bf16-mixed", {}).get("examples_per_s")
+    bf16_floor = floors.get("bf16")
     for row in rows:
         row["ratio_vs_plain_twin"] = round(row["examples_per_s"] / twin, 2) if twin else None
     loader = by_name.get("loader", {}).get("examples_per_s")
@@ -408,11 +417,15 @@ def main() -> None:
         "msit_1p_examples_per_s": train,
         "msit_share_of_matmul_floor": round(train / floor["max_examples_per_s"], 3) if train and floor else None,
         "msit_over_peer": round(train / peer, 2) if train and peer else None,
+        "msit_bf16_over_fp32": round(train_bf16 / train, 2) if train and train_bf16 else None,
+        "msit_bf16_share_of_bf16_matmul_floor": (
+            round(train_bf16 / bf16_floor["max_examples_per_s"], 3) if train_bf16 and bf16_floor else None),
         "skipped": skipped,
         "target_1p_examples_per_s": 25_000,
         "loader_over_training": round(loader / train, 2) if loader and train else None,
         "target_loader_over_training": 5.0,
         "matmul_floor": floor,
+        "matmul_floor_bf16": bf16_floor,
     }
     print(f"\nmsit, B={BATCH}, {data_info['sparse_features']} sparse features, L={data_info['max_len']} "
           f"(mean hist_len {data_info['mean_hist_len']}), threads={args.threads}, malloc_tune={args.malloc_tune}, "
@@ -423,10 +436,10 @@ def main() -> None:
         rss = "/".join(str(x) for x in r["peak_rss_mib_per_process"])
         print(f"{r['name']:<32}{r['examples_per_s']:>9}{ratio:>9}{r['median_step_ms']:>11}{r['cpu_s_per_step']:>11}"
               f"{rss:>16}")
-    if floor:
-        print(f"matmul floor of one step ({floor['matmuls']} products, {floor['gflop']} GFLOP, alone and best of 5): "
-              f"{floor['floor_ms']} ms at {floor['matmul_gflops']} GFLOP/s (large-GEMM peak {floor['peak_gflops']}) "
-              f"→ at most {floor['max_examples_per_s']} ex/s from the matmuls alone")
+    for each in floors.values():
+        print(f"{each['dtype']} matmul floor of one step ({each['matmuls']} products, {each['gflop']} GFLOP, alone, "
+              f"best of 5): {each['floor_ms']} ms at {each['matmul_gflops']} GFLOP/s (large-GEMM peak "
+              f"{each['peak_gflops']}) → at most {each['max_examples_per_s']} ex/s from the matmuls alone")
     print(f"summary: {summary}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {

@@ -318,11 +318,11 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_runs(args: argparse.Namespace) -> None:
-    from msit_rec.runs import LEGEND, markdown_table, runs
+    from msit_rec.runs import legend, markdown_table, runs
 
     rows, written = runs(args.dirs, args.evaluations, out_dir=args.out, overwrite=args.overwrite)
     print(markdown_table(rows))
-    print(LEGEND)
+    print(legend(rows))
     if written:
         print(f"table of {len(rows)} runs written to {args.out}: {', '.join(path.name for path in written)}")
 

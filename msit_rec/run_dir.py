@@ -70,6 +70,7 @@ class FitResult:
     finished_at: str | None = None
     wall_seconds: float | None = None
     resumed_from: str | None = None  # the --resume checkpoint of this invocation
+    init_from: str | None = None  # the --init-from checkpoint this run was warm-started from (absolute path)
     provenance: Provenance | None = None
     # the validation metric that picked best_checkpoint (trainer.monitor: val/auc, val/logloss or val/scenario_auc;
     # None in runs fitted before it could be chosen: val/auc) and its value there. best_val_auc above is the overall

@@ -1,7 +1,8 @@
 """`msit-rec prepare`: raw log → validated, encoded, leak-free, time-split examples + dataset.json.
 
 Order of work: read and validate the log in one streaming pass (rejected rows are written out with their
-reason), split by time, fit encoders and numeric statistics on the train split only, build histories over
+reason), split by time, fit encoders and numeric statistics on the train split only (under `--vocab-from`, the
+parent's vocabularies are extended and its numeric statistics kept: pipelines/vocab_from.py), build histories over
 all valid rows (strictly earlier events only, so a test example may see train-period clicks but never its
 own or later ones), then write each split as Parquet shards chunk by chunk.
 
@@ -156,7 +157,10 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool, parent: 
         feedback = _feedback_encoder(config, train, parent)
         if feedback is not None:  # encoded like a categorical feature: a vocabulary of the train values
             valid = valid.with_columns(feedback.encode(_feedback_values(config, valid)).alias(encoded(FEEDBACK)))
-        numeric_stats = {f.name: _numeric_stats(f.column, train[f.column], valid[f.column]) for f in config.numeric}
+        if parent is None:
+            numeric_stats = {f.name: _numeric_stats(f.column, train[f.column], valid[f.column]) for f in config.numeric}
+        else:  # the parent's mean/std, so one raw value is the same model input every day (and as served)
+            numeric_stats = {f.name: parent.numeric_stats(f, valid[f.column]) for f in config.numeric}
         valid = valid.with_columns(
             [_normalise(f.column, numeric_stats[f.name]).alias(normalised(f.name)) for f in config.numeric]
         )

@@ -5,20 +5,26 @@ appended after the parent's last row (most frequent first, ties by raw value); i
 keep their row. Hash-encoded features are stable by construction. Tables therefore only grow, and a model trained
 on the parent is a prefix of a model of today's tables (`fit --init-from`, msit_rec/train/warm_start.py).
 
+Numeric features are standardised (and nulls imputed) with the parent's numeric_stats, not today's train statistics:
+one raw value is the same model input every day, so yesterday's model scores today's examples as its served
+artifact would, and a warm-started model sees unshifted inputs. dataset.json records it
+(`lineage.numeric_stats_from`: the parent's content hash; its `numeric_stats` mean/std are the parent's).
+
 The parent must describe the same model inputs: the same categorical features (encoding, table, embedding dim,
 hash buckets), numeric features, scenarios and behaviour feedback; anything else is refused naming the feature.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from msit_rec.data.spec import FIRST_VOCAB_INDEX, DatasetMeta, FeatureSpec, Lineage
+from msit_rec.data.spec import FIRST_VOCAB_INDEX, DatasetMeta, FeatureSpec, Lineage, NumericStats
 from msit_rec.errors import DataError
-from pipelines.config import CategoricalFeature, DatasetConfig
+from pipelines.config import CategoricalFeature, DatasetConfig, NumericFeature
 from pipelines.encode import INDEX, FittedEncoder, extend_encoder, fit_encoder, read_vocabulary
 
 
@@ -32,6 +38,10 @@ class ParentVocab:
     @classmethod
     def load(cls, root: str | Path, config: DatasetConfig) -> ParentVocab:
         root = Path(root)
+        if not root.is_dir():  # DatasetMeta.load would accept dataset.json itself, and the vocabularies then fail
+            what = "is a file" if root.exists() else "does not exist"
+            raise DataError(f"--vocab-from {root}: {what}; give the parent examples directory (the one holding "
+                            f"dataset.json)")
         parent = cls(root, DatasetMeta.load(root))
         parent.check_compatible(config)
         return parent
@@ -53,6 +63,7 @@ class ParentVocab:
             if spec is None or spec.kind != "dense":
                 raise DataError(f"{self._where()}: numeric feature '{numeric.name}' is not a numeric feature of the "
                                 f"parent examples")
+            self._check_numeric_stats(numeric.name)
         parent_feedback = self.meta.history.feedback
         if parent_feedback != config.history.feedback:
             raise DataError(f"{self._where()}: history.feedback is {config.history.feedback!r} here but "
@@ -74,6 +85,20 @@ class ParentVocab:
             if theirs[key] != value:
                 raise DataError(f"{self._where()}: feature '{feature.name}' has {key} {value!r} here but "
                                 f"{theirs[key]!r} in the parent examples; an incremental prepare keeps it")
+
+    def _check_numeric_stats(self, name: str) -> None:
+        stats = self.meta.numeric_stats.get(name)
+        if stats is None:
+            raise DataError(f"{self._where()}: numeric feature '{name}' has no numeric_stats in the parent's "
+                            f"dataset.json (they standardise it here too)")
+        if not (math.isfinite(stats.mean) and math.isfinite(stats.std) and stats.std > 0):
+            raise DataError(f"{self._where()}: numeric feature '{name}' has numeric_stats mean {stats.mean}, std "
+                            f"{stats.std} in the parent's dataset.json; a finite mean and positive std are needed")
+
+    def numeric_stats(self, feature: NumericFeature, values: pl.Series) -> NumericStats:
+        """`feature`'s standardisation: the parent's mean/std (checked in `check_compatible`), today's null count."""
+        stats = self.meta.numeric_stats[feature.name]
+        return NumericStats(mean=stats.mean, std=stats.std, nulls=int(values.null_count()))
 
     def check_scenarios(self, scenarios: list[str]) -> None:
         """Scenario ids index dense per-scenario weights: the list must be the parent's, in the same order."""
@@ -105,5 +130,5 @@ class ParentVocab:
         added = {encoder.feature.table or name: encoder.cardinality - parent_rows[encoder.feature.table or name]
                  for name, encoder in encoders.items()}
         ancestors = [self.meta.content_hash, *(self.meta.lineage.ancestors if self.meta.lineage else [])]
-        return Lineage(parent=str(self.root), parent_hash=self.meta.content_hash, ancestors=ancestors,
-                       parent_rows=parent_rows, added=added)
+        return Lineage(parent=str(self.root.resolve()), parent_hash=self.meta.content_hash, ancestors=ancestors,
+                       parent_rows=parent_rows, added=added, numeric_stats_from=self.meta.content_hash)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from msit_rec.errors import ConfigError
 from msit_rec.run_dir import read_fit_result
 from msit_rec.train import auto_precision
 from msit_rec.train.auto_precision import BF16, FP32, choose_precision, measure_bf16_speedup, probe_cache_path
@@ -76,6 +77,16 @@ def test_a_corrupt_cache_is_measured_again(cache_home: Path, monkeypatch: pytest
     probe_cache_path().write_text("{not json")
     assert choose_precision("auto", "cpu", measure=lambda: 2.0).precision == BF16
     assert list(json.loads(probe_cache_path().read_text()).values()) == [2.0]
+
+
+def test_fp16_autocast_on_cpu_is_refused_not_silently_changed(small_examples: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="16-mixed .* does not run on CPU"):
+        choose_precision("16-mixed", "cpu", measure=never_probe)
+    config = tiny_fit_config("msit")
+    config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, precision="16-mixed"))
+    with pytest.raises(ConfigError, match="fit.trainer.precision"):
+        fit(config, small_examples, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_the_probe_measures_this_cpu() -> None:

@@ -29,6 +29,7 @@ from msit_rec.export import export_run, parse_precision
 from msit_rec.export import exporter as exporter_module
 from msit_rec.export.inputs import batch_to_inputs, input_schema
 from msit_rec.export.serving_model import ServingModel, embedding_table_names
+from msit_rec.export.summary import export_summary
 from msit_rec.export.tables import ServingTable, dequantize_rowwise, quantize_rowwise
 from msit_rec.fit_config import VARIANTS, ModelConfig, SequencePath
 from msit_rec.model import RankingModel
@@ -424,7 +425,9 @@ def test_aoti_package_scores_like_the_eager_model(run: Path, batch, meta, tmp_pa
 def test_bf16_compute_runs_the_dense_part_in_bf16_close_to_the_model(meta, batch, variant: str) -> None:
     model = trained_like(meta, variant, SequencePath.POOLED_BAGS)
     serving = ServingModel(model, meta, {}, compute="bf16")
-    assert {p.dtype for p in serving.head.parameters()} == {torch.bfloat16}
+    output_layer = {id(p) for p in serving.head.tower.mlp.out.parameters()}
+    assert {p.dtype for p in serving.head.parameters() if id(p) not in output_layer} == {torch.bfloat16}
+    assert {p.dtype for p in serving.head.tower.mlp.out.parameters()} == {torch.float32}  # the logit's resolution
     assert {t.weight.dtype for t in serving.tables.values()} == {torch.float32}  # tables keep their own precision
     with torch.no_grad():
         expected = model(batch)
@@ -433,17 +436,21 @@ def test_bf16_compute_runs_the_dense_part_in_bf16_close_to_the_model(meta, batch
     # bf16 keeps 8 bits of mantissa: the logits move by a few hundredths at most, and rank the rows alike
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     assert np.corrcoef(got.numpy(), expected.numpy())[0, 1] > 0.999
+    assert got.unique().numel() > 0.95 * got.numel()  # fp32 logits: no ties from bf16's 8-bit mantissa
 
 
 def test_bf16_compute_artifact_is_checked_on_the_auc(run: Path, tmp_path: Path) -> None:
     if not exporter_module.native_bf16_flags():
         pytest.skip("this CPU has no native bf16 products: export --compute bf16 refuses (tested below)")
-    manifest = export_run(run, tmp_path / "bf16", compute="bf16", progress=False)
+    # the fixture's run trained 8 steps: its logits barely spread (AUC 0.3-0.5 on 122-1,528 rows), so the few
+    # pairs bf16 reorders move its AUC more than a trained model's (the demo model: drop <= 0.0002 per scenario)
+    manifest = export_run(run, tmp_path / "bf16", compute="bf16", max_auc_drop=0.005, progress=False)
     assert manifest.compute == "bf16" and Manifest.load(tmp_path / "bf16").compute == "bf16"
     parity = manifest.parity
-    assert parity.passed and parity.tolerance is None and parity.max_auc_drop == 1e-3
-    assert 0 < parity.max_abs_logit_diff < 0.1
-    assert all(s.auc_drop <= 1e-3 for s in parity.scenarios.values())
+    assert parity.passed and parity.tolerance is None and parity.max_auc_drop == 0.005
+    assert 0 < parity.max_abs_logit_diff < 0.01
+    assert all(s.auc_drop <= 0.005 for s in parity.scenarios.values())
+    assert "bf16 dense products" in export_summary(manifest)
 
 
 def test_bf16_compute_is_refused_where_bf16_is_emulated(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -24,6 +24,7 @@ from msit_rec.config import from_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError
 from msit_rec.fit_config import FitConfig
+from msit_rec.run_dir import read_fit_result
 from msit_rec.train.fit import fit
 from msit_rec.train.monitoring import BestCheckpoint
 from tests.logged_metrics import logged_rows, sklearn_validation_metrics, valid_predictions, validations
@@ -182,3 +183,13 @@ def test_val_check_interval_beyond_an_epoch_fails_before_anything_is_written(
     with pytest.raises(ConfigError, match=r"trainer.val_check_interval=13: more than the 12 training batches"):
         fit(watched_config(val_check_interval=13), small_examples, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("slow_setup")
+def test_last_checkpoint_holds_the_batches_after_the_last_validation(small_examples: Path, tmp_path: Path) -> None:
+    """Validation every 5 of an epoch's 12 batches: the last two come after the last validation, and last.ckpt
+    must still hold them (an unmonitored checkpoint saves at validation by default)."""
+    result = fit(watched_config(max_epochs=1, val_check_interval=5), small_examples, tmp_path / "run")
+    assert [int(row["step"]) for row in validations(tmp_path / "run")] == [4, 9]  # the CSV's step is 0-based
+    assert read_fit_result(tmp_path / "run").last_position.global_step == STEPS_PER_EPOCH
+    assert result.last_checkpoint.endswith("last.ckpt")

@@ -30,7 +30,7 @@ from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import FIRST_VOCAB_INDEX, OOV_INDEX, DatasetMeta
 from msit_rec.errors import DataError
-from msit_rec.run_dir import load_model, read_run, resolve_checkpoint
+from msit_rec.run_dir import load_model, read_fit_result, read_run, resolve_checkpoint
 from msit_rec.train.checkpoint import load_unsharded_checkpoint
 from pipelines.config import DatasetConfig
 from pipelines.prepare import prepare
@@ -115,11 +115,58 @@ def test_examples_use_the_kept_indices(days: dict[str, Path]) -> None:
     assert len(added) > 0 and added["user"].to_list() == added["index"].to_list()
 
 
-def test_lineage_is_recorded_and_plain_datasets_do_not_carry_it(days: dict[str, Path], tmp_path: Path) -> None:
+def standardised_by_raw_id(examples: Path, feature: str, id_feature: str) -> pl.DataFrame:
+    """(raw id, standardised `feature`) of every example holding a known id: the raw user id as kept in the examples,
+    or the raw item id through the examples' own vocabulary."""
+    meta = DatasetMeta.load(examples)
+    rows = pl.concat([pl.read_parquet(examples / f, columns=["user_id", "item", feature])
+                      for split in meta.splits.values() for f in split.files])
+    if id_feature == "user":
+        return rows.select(pl.col("user_id").alias("raw"), feature)
+    return rows.join(vocab(examples, "item").select("raw", "index"), left_on="item", right_on="index").select("raw", feature)
+
+
+@pytest.mark.parametrize(("feature", "id_feature", "raw_id"), [
+    ("user_activity", "user", "user_id"),  # one activity per user in the generated log
+    ("price", "item", "item_id"),  # one price per item
+])
+def test_numeric_features_keep_the_parents_standardisation(days, feature: str, id_feature: str, raw_id: str) -> None:
+    """A raw value on both days is the same model input on both: day 2 standardises with day 1's mean/std."""
+    meta1, meta2 = DatasetMeta.load(days["ex1"]), DatasetMeta.load(days["ex2"])
+    raw = pl.read_parquet(days["raw"])
+    # the oracle: the parent's mean/std, read from its dataset.json (not from the dataclass under test)
+    parent = json.loads((days["ex1"] / "dataset.json").read_text())["numeric_stats"][feature]
+    mean, std = parent["mean"], parent["std"]
+    train1 = raw.filter(pl.col("ts") < meta1.split_boundaries["valid_start"])[feature].cast(pl.Float64)
+    assert mean == pytest.approx(train1.mean()) and std == pytest.approx(train1.std())  # day 1's own train split
+    train2 = raw.filter(pl.col("ts") < meta2.split_boundaries["valid_start"])[feature].cast(pl.Float64)
+    assert abs(train2.mean() - mean) > 1e-6 * std  # today's statistics differ: re-fitting them would shift inputs
+    values = raw.group_by(raw_id).agg(pl.col(feature).unique())
+    assert values[feature].list.len().max() == 1  # one raw value per id: the id names the raw value
+    values = values.select(pl.col(raw_id).alias("raw"), pl.col(feature).list.first().alias("value"))
+    days_seen = []
+    for examples in (days["ex1"], days["ex2"]):
+        rows = standardised_by_raw_id(examples, feature, id_feature).join(values, on="raw")
+        assert len(rows) > 0
+        expected = [(float(v) - mean) / std for v in rows["value"].to_list()]  # by hand, in float64
+        torch.testing.assert_close(torch.tensor(rows[feature].to_list(), dtype=torch.float64),
+                                   torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+        days_seen.append(rows.unique("raw").select("raw", "value", feature))
+    both = days_seen[0].join(days_seen[1], on="raw", suffix="_day2")
+    assert len(both) > 0 and both["value"].equals(both["value_day2"])
+    assert both[feature].equals(both[f"{feature}_day2"])  # bit for bit the same input on both days
+    assert (meta2.numeric_stats[feature].mean, meta2.numeric_stats[feature].std) == (mean, std)  # and recorded
+
+
+def test_lineage_is_recorded_and_plain_datasets_do_not_carry_it(days: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     meta1, meta2 = DatasetMeta.load(days["ex1"]), DatasetMeta.load(days["ex2"])
     assert "lineage" not in json.loads((days["ex1"] / "dataset.json").read_text())  # older readers still load it
     lineage = meta2.lineage
-    assert lineage is not None and lineage.parent == str(days["ex1"]) and lineage.parent_hash == meta1.content_hash
+    assert lineage is not None and lineage.parent == str(days["ex1"].resolve())
+    assert lineage.parent_hash == meta1.content_hash
+    assert lineage.numeric_stats_from == meta1.content_hash and "numeric_stats_from" in json.loads(
+        (days["ex2"] / "dataset.json").read_text())["lineage"]
     assert lineage.ancestors == [meta1.content_hash]
     assert lineage.parent_rows == {table: rows for table, (rows, _) in meta1.tables().items() if table in lineage.added}
     assert meta2.descends_from(meta1.content_hash) and not meta1.descends_from(meta2.content_hash)
@@ -127,8 +174,12 @@ def test_lineage_is_recorded_and_plain_datasets_do_not_carry_it(days: dict[str, 
     day3 = tmp_path / "raw3"
     for part in sorted(days["raw"].iterdir())[-2:]:
         shutil.copytree(part, day3 / part.name)
-    meta3 = prepare(dataset_config(day3), tmp_path / "ex3", vocab_from=days["ex2"])
+    monkeypatch.chdir(days["root"])  # a relative --vocab-from is recorded as an absolute path
+    meta3 = prepare(dataset_config(day3), tmp_path / "ex3", vocab_from=Path("ex2"))
     assert meta3.lineage.ancestors == [meta2.content_hash, meta1.content_hash]
+    assert meta3.lineage.parent == str(days["ex2"].resolve()) and Path(meta3.lineage.parent).is_absolute()
+    assert meta3.lineage.numeric_stats_from == meta2.content_hash
+    assert meta3.numeric_stats == meta2.numeric_stats == meta1.numeric_stats  # day 1's carry down (no nulls here)
     absent = 0
     for name in vocab_features(meta3):
         two, three = vocab(days["ex2"], name), vocab(tmp_path / "ex3", name)
@@ -162,6 +213,21 @@ def test_an_incompatible_parent_is_refused_naming_what_differs(days, tmp_path, c
     with pytest.raises(DataError, match="--vocab-from") as error:
         prepare(config, tmp_path / "out", vocab_from=days["ex1"])
     assert named in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_json_file_as_parent_is_refused_before_the_log_is_read(days, tmp_path, monkeypatch, capsys) -> None:
+    def no_read(*_: object) -> None:
+        raise AssertionError("the log was read")
+    monkeypatch.setattr("pipelines.prepare._read_validated", no_read)
+    args = ["prepare", "--config", str(REPO / "configs/datasets/synthetic.yaml"), "--source", str(days["raw"]),
+            "--out", str(tmp_path / "out"), "--vocab-from", str(days["ex1"] / "dataset.json"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msit-rec prepare: error: --vocab-from "), err
+    assert "dataset.json: is a file" in err[0] and "examples directory" in err[0]
+    with pytest.raises(DataError, match="--vocab-from .*: does not exist"):
+        prepare(dataset_config(days["raw"]), tmp_path / "out", vocab_from=tmp_path / "missing")
     assert not (tmp_path / "out").exists()
 
 
@@ -235,6 +301,8 @@ def test_warm_start_scores_yesterdays_rows_as_yesterdays_model(days, runs) -> No
     torch.testing.assert_close(record["logits"], expected, rtol=0, atol=1e-6)
     meta1, meta2 = DatasetMeta.load(days["ex1"]), DatasetMeta.load(days["ex2"])
     assert_warm_started(runs["run1"] / "checkpoints/best.ckpt", runs["record"] / START_CHECKPOINT, meta1, meta2)
+    recorded = read_fit_result(runs["run2"]).init_from  # the run says where it started from
+    assert recorded == str((runs["run1"] / "checkpoints/best.ckpt").resolve())
 
 
 @pytest.mark.slow

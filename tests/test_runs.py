@@ -31,7 +31,7 @@ from msit_rec.evaluate import evaluate_runs, write_evaluation
 from msit_rec.export import export_run
 from msit_rec.provenance import CPU_FLAGS, Provenance, collect, cpu_info, git_state, host_facts
 from msit_rec.run_dir import read_fit_result
-from msit_rec.runs import evaluations_by_run, find_runs
+from msit_rec.runs import TEST_LEGEND, collect_runs, evaluations_by_run, find_runs
 from msit_rec.serving.contract import Manifest
 from msit_rec.train.fit import fit
 from tests.launch import launch_env_restored
@@ -228,13 +228,14 @@ def test_runs_matches_old_evaluations_by_checkpoint_and_refuses_two_checkpoints(
         del model["run_dir"], model["checkpoint_position"]  # metrics.json written before they were recorded
     del raw["provenance"]
     (tmp_path / "old.json").write_text(json.dumps(raw))
-    matched = evaluations_by_run([tmp_path / "old.json"])
+    rows = collect_runs(fitted["runs"])
+    matched = evaluations_by_run([tmp_path / "old.json"], rows)
     assert set(matched) == {run.resolve() for run in fitted["runs"]}
     last = raw["models"]["a"]["checkpoint"].replace("best.ckpt", "last.ckpt")
     raw["models"]["a"]["checkpoint"] = last
     (tmp_path / "last.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match="test evaluations of two checkpoints"):
-        evaluations_by_run([tmp_path / "old.json", tmp_path / "last.json"])
+        evaluations_by_run([tmp_path / "old.json", tmp_path / "last.json"], rows)
 
 
 def test_runs_errors_name_the_directory(fitted: dict, tmp_path: Path, capsys) -> None:
@@ -248,3 +249,106 @@ def test_runs_errors_name_the_directory(fitted: dict, tmp_path: Path, capsys) ->
     error = capsys.readouterr().err
     assert "overlaps" in error and len(error.strip().splitlines()) == 1
     assert not (run / "table").exists()
+
+
+# ---- which evaluation joins which run: stale ones, two datasets, none at all -----------------------------------
+
+
+def _copy_run(run: Path, to: Path, **result: object) -> Path:
+    """A copy of `run`'s record and fit_result.json (no checkpoints: the table reads neither), `result` changed."""
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("logs", "tensorboard", "checkpoints"))
+    raw = json.loads((to / "fit_result.json").read_text())
+    (to / "fit_result.json").write_text(json.dumps({**raw, **result}))
+    return to
+
+
+def _evaluation_of(fitted: dict, run: Path, path: Path, **model: object) -> Path:
+    """The fixture's metrics.json holding only run a's model, made an evaluation of `run`, `model` fields changed."""
+    raw = json.loads((fitted["evaluation"] / "metrics.json").read_text())
+    scored = raw["models"]["a"]
+    scored.update(run_dir=str(run.resolve()), checkpoint=str(run.resolve() / "checkpoints" / "best.ckpt"), **model)
+    raw["models"] = {"a": scored}
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def _runs(capsys, *args: Path | str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["runs", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _line_of(printed: str, run: Path) -> str:
+    return next(text for text in printed.splitlines() if text.startswith(f"| {run} "))
+
+
+def test_runs_skips_an_evaluation_of_a_checkpoint_the_run_no_longer_holds(fitted: dict, tmp_path: Path, capsys) -> None:
+    a = fitted["runs"][0]
+    moved = _copy_run(a, tmp_path / "moved", best_position={"epoch": 1, "global_step": 2 * TINY_STEPS})
+    stale = _evaluation_of(fitted, moved, tmp_path / "moved.json")  # scored best.ckpt at epoch 0, step 12
+    code, printed, err = _runs(capsys, moved, "--evaluation", stale)
+    assert code == 0 and "test AUC" not in printed and TEST_LEGEND not in printed
+    assert len(err.strip().splitlines()) == 1 and str(stale) in err and "not shown" in err
+    assert f"epoch 0, step {TINY_STEPS}" in err and f"epoch 1, step {2 * TINY_STEPS}" in err
+    # fitted again with --overwrite into the same directory, to the same epoch/step: the evaluation predates the fit
+    raw = json.loads(stale.read_text())
+    refit = _copy_run(a, tmp_path / "refit", started_at="2999-01-01T00:00:00+00:00")
+    outdated = _evaluation_of(fitted, refit, tmp_path / "refit.json")
+    code, printed, err = _runs(capsys, refit, "--evaluation", outdated)
+    assert code == 0 and "test AUC" not in printed
+    assert str(outdated) in err and "fitted again since" in err and raw["provenance"]["created_at"] in err
+    # a resumed fit keeps the checkpoint it did not improve on: the same epoch/step still joins
+    resumed = _copy_run(a, tmp_path / "resumed", started_at="2999-01-01T00:00:00+00:00",
+                        resumed_from=str(a / "checkpoints" / "last.ckpt"))
+    code, printed, err = _runs(capsys, resumed, "--evaluation", _evaluation_of(fitted, resumed, tmp_path / "r.json"))
+    assert code == 0 and "test AUC" in printed and err == ""
+    assert f"{raw['models']['a']['overall']['auc']:.4f}" in _line_of(printed, resumed)
+
+
+def test_runs_shows_the_test_score_on_the_runs_own_data_and_says_which_data(fitted: dict, tmp_path: Path,
+                                                                            capsys) -> None:
+    a = fitted["runs"][0]
+    own = json.loads((fitted["evaluation"] / "metrics.json").read_text())["models"]["a"]
+    other_hash, third_hash = "f" * 64, "e" * 64
+    other = _evaluation_of(fitted, a, tmp_path / "other.json", dataset_hash=other_hash,
+                           overall={**own["overall"], "auc": 0.123456})
+    for order in ([fitted["evaluation"], other], [other, fitted["evaluation"]]):  # the order given is no matter
+        code, printed, err = _runs(capsys, a, *[arg for path in order for arg in ("--evaluation", path)])
+        assert code == 0 and err == ""
+        assert f"{own['overall']['auc']:.4f}" in _line_of(printed, a) and "0.1235" not in printed
+        assert "test data" not in printed  # the shown score is on the run's training data
+    code, printed, err = _runs(capsys, a, "--evaluation", other, "--out", tmp_path / "table")
+    assert code == 0 and "0.1235" in _line_of(printed, a) and f"| {other_hash[:12]} " in _line_of(printed, a)
+    assert "test data" in printed.splitlines()[0] and "test data:" in (tmp_path / "table" / "runs.md").read_text()
+    assert _table(tmp_path / "table")[0]["test_dataset_hash"] == other_hash
+    third = _evaluation_of(fitted, a, tmp_path / "third.json", dataset_hash=third_hash)
+    code, printed, err = _runs(capsys, a, "--evaluation", other, "--evaluation", third)
+    assert code == 2 and printed == "" and len(err.strip().splitlines()) == 1
+    assert "two datasets" in err and str(other) in err and str(third) in err and "give one --evaluation" in err
+
+
+def test_runs_warns_about_an_evaluation_that_joins_no_run(fitted: dict, tmp_path: Path, capsys) -> None:
+    a, b = fitted["runs"]
+    of_a = _evaluation_of(fitted, a, tmp_path / "a.json")
+    code, printed, err = _runs(capsys, b, "--evaluation", of_a, "--out", tmp_path / "table")
+    assert code == 0 and "test AUC" not in printed and "test_auc" not in _table(tmp_path / "table")[0]
+    assert len(err.strip().splitlines()) == 1 and str(of_a) in err and str(a.resolve()) in err
+    assert TEST_LEGEND not in printed and TEST_LEGEND not in (tmp_path / "table" / "runs.md").read_text()
+    validation = _evaluation_of(fitted, a, tmp_path / "validation.json", split="validation")
+    code, printed, err = _runs(capsys, a, b, "--evaluation", validation, "--evaluation", fitted["evaluation"])
+    assert code == 0 and "test AUC" in printed
+    assert len(err.strip().splitlines()) == 1 and str(validation) in err and "test split" in err
+
+
+def test_runs_refuses_a_json_that_is_not_a_metrics_json(fitted: dict, tmp_path: Path, capsys) -> None:
+    a = fitted["runs"][0]
+    (tmp_path / "empty.json").write_text("{}")
+    for given in (tmp_path / "empty.json", a / "fit_result.json", fitted["data"] / "dataset.json"):
+        code, printed, err = _runs(capsys, a, "--evaluation", given)
+        assert code == 2 and printed == "" and len(err.strip().splitlines()) == 1
+        assert f"{given}: not a metrics.json of `msit-rec evaluate`" in err and "version" not in err
+    raw = json.loads((fitted["evaluation"] / "metrics.json").read_text())
+    (tmp_path / "future.json").write_text(json.dumps({**raw, "version": 99}))  # a metrics.json of another version
+    code, _, err = _runs(capsys, a, "--evaluation", tmp_path / "future.json")
+    assert code == 2 and "metrics version 99" in err

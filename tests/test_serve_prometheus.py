@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -65,10 +66,17 @@ def test_prometheus_scrape_counts_the_requests_sent(decoded: dict, artifact, ser
     statuses[status] += 1
     assert oov["user"] == 1
 
-    status, headers, text = get(server, "/metrics/prometheus")
-    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
-    got = samples(text)
     latency = "msit_rec_request_duration_seconds"
+    # a request is counted after its answer is written: the client can read the answer first, so wait for the count
+    deadline = time.monotonic() + 10.0
+    while True:
+        status, headers, text = get(server, "/metrics/prometheus")
+        got = samples(text)
+        counted = sum(v for (name, _), v in got.items() if name == f"{latency}_count")
+        if counted >= sum(statuses.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     for code, sent in statuses.items():
         labels = (("status", str(code)),)
         assert got[(f"{latency}_count", labels)] == sent

@@ -66,9 +66,10 @@ class SplitStats:
 
 @dataclass
 class NumericStats:
+    # train mean/std; under `prepare --vocab-from`, the parent's (lineage.numeric_stats_from), kept day after day
     mean: float
     std: float
-    nulls: int  # nulls in the input, imputed with the train mean (0 after normalisation)
+    nulls: int  # nulls in this dataset's input, imputed with `mean` (0 after normalisation)
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Lineage:
     ancestors: list[str]  # content hashes of the parent, its parent, ... (nearest first)
     parent_rows: dict[str, int]  # table → the parent's rows (padding and OOV included)
     added: dict[str, int]  # table → ids appended after the parent's rows
+    # content hash of the dataset whose numeric_stats (mean/std) standardised this one's numeric features: the
+    # parent's, so a raw value is the same model input as in the parent (None: written before they were kept)
+    numeric_stats_from: str | None = None
 
 
 @dataclass

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from msit_rec.errors import ConfigError
 from msit_rec.provenance import BF16_CPU_FLAGS, cpu_info
 
 AUTO = "auto"
 FP32 = "32-true"
 BF16 = "bf16-mixed"
+FP16 = "16-mixed"
 # (rows, in, out) of the products one training step runs most: the attention's first layer over the packed
 # behaviours ([N, 4·D] → 64, N ≈ batch × mean history) and the tower's first layer ([B, F] → 512)
 PROBE_SHAPES = ((16384, 256, 64), (4096, 512, 512))
@@ -94,14 +96,22 @@ def _cpu_speedup(model: str | None, flags: list[str], measure: Callable[[], floa
     return speedup
 
 
+def check_precision(requested: str, accelerator: str) -> None:
+    """Refuse what Lightning would silently change: fp16 autocast on CPU becomes bf16-mixed, with a warning."""
+    if requested == FP16 and accelerator == "cpu":
+        raise ConfigError("fit.trainer.precision: 16-mixed (fp16 autocast) does not run on CPU; use bf16-mixed, "
+                          "32-true or auto")
+
+
 def choose_precision(
     requested: str, accelerator: str, measure: Callable[[], float] = measure_bf16_speedup
 ) -> PrecisionChoice:
     """The precision to train with: `requested` itself unless it is `auto`."""
+    check_precision(requested, accelerator)
     if requested != AUTO:
         return PrecisionChoice(requested, requested, "set in the config")
-    if accelerator == "gpu":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if accelerator == "gpu":  # emulated bf16 (V100, T4) is slower than fp32: native only
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
             return PrecisionChoice(BF16, requested, f"{torch.cuda.get_device_name()} multiplies bf16 natively")
         return PrecisionChoice(FP32, requested, "this GPU has no native bf16")
     model, flags = cpu_info()

@@ -44,7 +44,7 @@ from msit_rec.run_dir import (
     write_fit_result,
     write_run_record,
 )
-from msit_rec.train.auto_precision import choose_precision
+from msit_rec.train.auto_precision import check_precision, choose_precision
 from msit_rec.train.checkpoint import (
     DATASET_HASH_KEY,
     check_checkpoint_dir,
@@ -135,6 +135,7 @@ def fit(
     model = check_model_fits_dataset(meta, config.model)
     t = config.trainer
     check_devices(t.accelerator, t.devices)
+    check_precision(t.precision, t.accelerator)
     check_launch(t.devices, t.num_nodes)  # under torchrun: its --nproc_per_node and --nnodes
     check_val_check_interval(meta, t)
     if not is_launching_process():  # a rank started by the launcher: the first process has checked and set up
@@ -191,8 +192,10 @@ def _train(
     best = BestCheckpoint(out_dir / CHECKPOINT_DIR, t.monitor)
     # Lightning's save_last rewrites `last` only in epochs where the monitored metric improved: keep the latest
     # state with a checkpoint of its own (no monitor = the most recent epoch)
-    last = ModelCheckpoint(
-        dirpath=out_dir / CHECKPOINT_DIR, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
+    last = ModelCheckpoint(  # at the end of every training epoch: with val_check_interval < 1 the last batches of
+        # an epoch come after its last validation, and an unmonitored checkpoint would otherwise save at validation
+        dirpath=out_dir / CHECKPOINT_DIR, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False,
+        save_on_train_epoch_end=True,
     )
     trainer = pl.Trainer(
         accelerator=t.accelerator,
@@ -232,6 +235,7 @@ def _train(
         best_val_auc=_finite(best.best_val_metrics.get("val/auc")),
         log_dir=str(out_dir / "logs"),
         resumed_from=str(resume) if resume is not None else None,
+        init_from=str(init_from.resolve()) if init_from is not None else None,
         monitor=monitored,
         best_score=_finite(best_score),
         precision=precision,
