@@ -67,8 +67,10 @@ def trained_like(meta: DatasetMeta, variant: str, path: SequencePath) -> Ranking
     when fresh, drawn like the tables), so that every input moves the logits (a fresh model's barely depend on the
     tables) and a wrong lookup cannot hide."""
     torch.manual_seed(0)
+    variant, _, ablation = variant.partition("+")  # "msit+attention_scenario": the preset with e(s) in the attention
     model = RankingModel(meta, ModelConfig(variant=variant, attention_hidden=[8], tower_hidden=[16, 8],
-                                           sequence_path=path), device=CPU)
+                                           sequence_path=path, attention_scenario=True if ablation else None),
+                         device=CPU)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(0.0, 0.5) if name.startswith(("embeddings.", "head.gate.")) else param.mul_(2.0)
@@ -76,7 +78,7 @@ def trained_like(meta: DatasetMeta, variant: str, path: SequencePath) -> Ranking
 
 
 @pytest.mark.parametrize("path", list(SequencePath), ids=lambda p: p.value)
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", [*sorted(VARIANTS), "msit+attention_scenario"])
 def test_serving_model_equals_the_ranking_model(meta, batch, variant: str, path: SequencePath) -> None:
     model = trained_like(meta, variant, path)
     serving = ServingModel(model, meta, {})

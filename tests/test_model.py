@@ -294,3 +294,13 @@ def test_ungated_variant_needs_no_behaviour_scenarios(meta, rows) -> None:
 def test_dataset_without_scenario_feature_is_a_config_error(meta) -> None:
     with pytest.raises(ConfigError, match="scenario"):
         random_model(without_feature(meta, "scenario"), "shared")
+
+
+def test_attention_scenario_ablation_needs_an_attention_and_switches_the_part() -> None:
+    """`model.attention_scenario` overrides the preset (msit's gate carries the scenario, so no preset sets it) and is
+    refused, naming the key, on a variant without target attention."""
+    assert not ModelConfig(variant="msit").parts.attention_scenario
+    assert ModelConfig(variant="msit", attention_scenario=True).parts.attention_scenario
+    assert ModelConfig(variant="din").parts == VARIANTS["din"]
+    with pytest.raises(ConfigError, match="fit.model: attention_scenario: variant 'shared' has no target attention"):
+        from_dict(FitConfig, {"model": {"variant": "shared", "attention_scenario": True}}, "fit")
