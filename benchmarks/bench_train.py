@@ -32,7 +32,11 @@ glibc returns large freed blocks to the kernel by default (blocks ≥ 32 MiB are
 `msit_rec.host.tune_glibc_malloc` (which `msit-rec fit` applies too) keeps them in the heap; it is on by
 default (`--no-malloc-tune` measures without it) and applies to every configuration.
 
-    python benchmarks/bench_train.py [--quick] [--output benchmarks/results/bench_train.json] [--data DIR]
+    python benchmarks/bench_train.py [--quick] [--output benchmarks/results/bench_train.json] [--data DIR] [--profile]
+
+`--profile`: the 1-process training rows also report the self CPU time per op class of their timed steps (matmul,
+FBGEMM lookups and fused optimizer, gather/scatter, copies and casts, element-wise, ...): where a step goes beyond
+its matmul floor. The profiler slows those rows: take their examples/s from a run without it.
 """
 
 from __future__ import annotations
@@ -137,21 +141,66 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, *args: Any) -> None:
             self.marks.append((time.perf_counter(), time.process_time()))
 
+    class StepProfile(pl.Callback):
+        """torch.profiler over the timed steps (after warm-up): self CPU time per op class."""
+
+        def __init__(self, first: int, last: int) -> None:
+            self.first, self.last = first, last
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.classes: dict[str, float] = {}
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == self.first:
+                self.profiler.__enter__()
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == self.last:
+                self.profiler.__exit__(None, None, None)
+                self.classes = op_class_seconds(self.profiler, self.last - self.first)
+
     devices = params["devices"]
     torch.set_num_threads(max(1, params["threads"] // devices))
     pl.seed_everything(0, verbose=False)
     marks = StepMarks()
+    profiled = StepProfile(params["warmup"], params["warmup"] + params["steps"]) if params.get("profile") else None
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, precision=params.get("precision", "32-true"), strategy=TorchRecStrategy(ShardingConfig(embedding_lr=0.05)),
         max_steps=params["warmup"] + params["steps"], limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, default_root_dir=params["scratch"], callbacks=[marks],
+        use_distributed_sampler=False, default_root_dir=params["scratch"],
+        callbacks=[marks, *([profiled] if profiled else [])],
     )
     meta = DatasetMeta.load(params["data"])
     module = RankingModule(meta, ModelConfig(sequence_path=SequencePath(params["path"])), OptimConfig())
     trainer.fit(module, datamodule=ExamplesDataModule(params["data"], BATCH, BATCH, 0, 0))
     result = window_stats(marks.marks, params["warmup"], BATCH * devices)
+    if profiled is not None:
+        result["op_class_ms_per_step"] = {name: round(s * 1e3, 1) for name, s in profiled.classes.items()}
     return {**result, "rank": trainer.global_rank, "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib()}
+
+
+# op classes of the profile, by the first pattern an op's name contains (aten/fbgemm names; checked in order)
+OP_CLASSES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")),
+    ("embedding lookups + fused optimizer (FBGEMM)", ("fbgemm",)),
+    ("dense optimizer", ("adam", "_foreach", "optimizer")),
+    ("gather / scatter / index", ("index", "gather", "scatter", "embedding", "repeat_interleave", "segment", "take")),
+    ("copy / cast / cat", ("copy_", "aten::to", "_to_copy", "aten::cat", "clone", "contiguous", "pad")),
+    ("reductions", ("aten::sum", "aten::mean", "aten::norm", "aten::max", "aten::min", "cumsum")),
+    ("element-wise", ("add", "mul", "sub", "div", "relu", "threshold", "sigmoid", "where", "fill_", "zero_", "neg",
+                      "exp", "log", "masked", "clamp", "silu", "gelu", "pow", "sqrt", "rsqrt")),
+)
+
+
+def op_class_seconds(profiler: Any, steps: int) -> dict[str, float]:
+    """Self CPU seconds per step of each op class (self time: nothing counted twice), largest first; the rest is
+    `other`."""
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, patterns in OP_CLASSES if any(p in name for p in patterns)), "other")
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e6 / steps
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def build_twin(params: dict[str, Any]) -> tuple[Any, list[Any], Any]:
@@ -356,6 +405,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="measure only these configurations (names as in the table)")
     parser.add_argument("--no-malloc-tune", dest="malloc_tune", action="store_false")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    parser.add_argument("--profile", action="store_true",
+                        help="1-process training rows: also the self CPU time per op class of the timed steps")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "PARAMS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -386,7 +437,7 @@ def main() -> None:
                 skipped[name] = "torch-rechub is not installed (pip install --no-deps torch-rechub)"
                 print(f"  {name:<32} skipped: {skipped[name]}", flush=True)
                 continue
-            params = {**base, **extra}
+            params = {**base, **extra, "profile": args.profile and extra.get("devices") == 1}
             if kind == "lightning" and extra["path"] == "embedding_collection":
                 params["steps"] = max(4, steps // 3)  # ~10× slower: fewer steps
             else:
@@ -436,6 +487,11 @@ def main() -> None:
         rss = "/".join(str(x) for x in r["peak_rss_mib_per_process"])
         print(f"{r['name']:<32}{r['examples_per_s']:>9}{ratio:>9}{r['median_step_ms']:>11}{r['cpu_s_per_step']:>11}"
               f"{rss:>16}")
+    for r in rows:
+        if "op_class_ms_per_step" in r:  # what the step spends its time on, beside the floor of its products
+            total = sum(r["op_class_ms_per_step"].values())
+            shares = ", ".join(f"{k} {v:.0f} ms ({v / total:.0%})" for k, v in r["op_class_ms_per_step"].items())
+            print(f"profile of {r['name']} (self CPU ms per step, {total:.0f} in all): {shares}")
     for each in floors.values():
         print(f"{each['dtype']} matmul floor of one step ({each['matmuls']} products, {each['gflop']} GFLOP, alone, "
               f"best of 5): {each['floor_ms']} ms at {each['matmul_gflops']} GFLOP/s (large-GEMM peak "
