@@ -51,7 +51,7 @@ class DenseStack(nn.Module):
     def __init__(self, attention: type[TargetAttention]) -> None:
         super().__init__()
         self.head = RankingHead(MODEL, pooled_dim=POOLED, dim=D, dense_dim=DENSE, scenario_dim=E, num_scenarios=S)
-        self.head.attention = attention(D, MODEL.attention_hidden, scenario_dim=E)
+        self.head.attention = attention(D, MODEL.attention_hidden, scenario_dim=E if MODEL.parts.attention_scenario else 0)
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, pooled, dense):
         e = self.head.scenario_vectors(scenario)
@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--malloc-tune", action="store_true", help="glibc mallopt: no mmap for large tensors")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the fast stack under torch.compile (Inductor; these static padded shapes only: on "
+                             "the packed training path, whose N varies per batch, it measured 0.75x eager)")
     args = parser.parse_args()
     if args.malloc_tune:
         tune_malloc()
@@ -141,7 +144,8 @@ def main() -> None:
     reference_grads = grads(fast, inputs)
 
     rows = []
-    for name, model in (("naive", naive), ("fast", fast)):
+    stacks = [("naive", naive), ("fast", fast), *([("compiled", torch.compile(fast))] if args.compile else [])]
+    for name, model in stacks:
         for bf16 in [p == "bf16" for p in args.precision]:
             zero_grads(model, inputs)
             logits = step(model, inputs, labels, bf16)
