@@ -136,9 +136,10 @@ def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]
     return model or platform.processor() or None, [flag for flag in CPU_FLAGS if flag in flags]
 
 
-def native_bf16_flags() -> list[str]:
-    """The BF16_CPU_FLAGS this CPU has: empty where bf16 products would be emulated."""
-    return [flag for flag in BF16_CPU_FLAGS if flag in cpu_info()[1]]
+def native_bf16_flags(flags: list[str] | None = None) -> list[str]:
+    """The BF16_CPU_FLAGS among `flags` (default: this CPU's): empty where bf16 products would be emulated."""
+    present = cpu_info()[1] if flags is None else flags
+    return [flag for flag in BF16_CPU_FLAGS if flag in present]
 
 
 def host_facts() -> HostFacts:

@@ -32,7 +32,7 @@ from msit_rec.config import to_dict
 from msit_rec.errors import DataError
 from msit_rec.metrics_file import METRICS_FILE, MetricsFile, ModelMetrics, load_metrics, metrics_path
 from msit_rec.outputs import check_no_overlap, staged_dir
-from msit_rec.provenance import CheckpointPosition, HostFacts
+from msit_rec.provenance import HostFacts
 from msit_rec.run_dir import (
     CHECKPOINT_DIR,
     FIT_CONFIG_FILE,
@@ -111,13 +111,13 @@ def load_evaluation(given: str | Path) -> tuple[Path, MetricsFile]:
     dataset.json, a fit_result.json, `{}`) is a DataError saying it is not a metrics.json of `msit-rec evaluate`."""
     path = metrics_path(given)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
-        raise DataError(f"{path}: not a {METRICS_FILE} of `msit-rec evaluate` (no 'models'); give --evaluation a "
-                        f"metrics.json or an `evaluate --out` directory")
-    return path, load_metrics(path)
+        return path, load_metrics(path)
+    except DataError:  # no format version: say why when it is not a metrics.json at all (read again on failure only)
+        raw = json.loads(path.read_text())  # load_metrics parsed it: valid JSON here
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+            raise DataError(f"{path}: not a {METRICS_FILE} of `msit-rec evaluate` (no 'models'); give --evaluation a "
+                            f"metrics.json or an `evaluate --out` directory") from None
+        raise
 
 
 def evaluations_by_run(inputs: Iterable[str | Path], rows: list[RunRow]) -> dict[Path, ModelMetrics]:
@@ -191,18 +191,14 @@ def stale_reason(model: ModelMetrics, metrics: MetricsFile, row: RunRow) -> str 
     if checkpoint.parent.name == CHECKPOINT_DIR and name in NAMED_CHECKPOINTS:
         scored = model.checkpoint_position
         if scored is not None and current is not None and scored != current:
-            return (f"it scored {row.path}'s {checkpoint.name} at {_position(scored)}, but that checkpoint is now at "
-                    f"{_position(current)} (fitted again since)")
+            return (f"it scored {row.path}'s {checkpoint.name} at {scored}, but that checkpoint is now at {current} "
+                    "(fitted again since)")
     evaluated = _time(metrics.provenance.created_at) if metrics.provenance is not None else None
     started = _time(result.started_at)
     if evaluated is not None and started is not None and result.resumed_from is None and evaluated < started:
         return (f"evaluated at {metrics.provenance.created_at}, before the current fit of {row.path} started "
                 f"({result.started_at}): the run was fitted again since")
     return None
-
-
-def _position(position: CheckpointPosition) -> str:
-    return f"epoch {position.epoch}, step {position.global_step}"
 
 
 def _time(text: str | None) -> datetime.datetime | None:

@@ -93,9 +93,8 @@ def extend_encoder(
 ) -> FittedEncoder:
     """The parent's vocabulary with every index kept, plus the train ids it lacks that pass `min_count`, appended
     after the parent's last row most frequent first (ties by raw value). Parent ids absent from this train split
-    keep their index (their COUNT becomes 0): a table never shrinks. Hashed features are stable already."""
-    if feature.encoding == "hash":
-        return fit_encoder(feature, train_values)
+    keep their index (their COUNT becomes 0): a table never shrinks. Vocabulary features only (hashed ones are stable
+    already: ParentVocab.encoder)."""
     raw_type = parent[RAW].dtype
     values = train_values.drop_nulls()
     cast = values.cast(raw_type, strict=False)

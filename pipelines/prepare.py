@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -154,7 +154,7 @@ def _prepare_into(config: DatasetConfig, out_dir: Path, progress: bool, parent: 
         valid = valid.with_columns(
             [encoders[f.name].encode(valid[f.column]).alias(encoded(f.name)) for f in config.categorical]
         )
-        feedback = _feedback_encoder(config, train, parent)
+        feedback = _feedback_encoder(config, train, fit)
         if feedback is not None:  # encoded like a categorical feature: a vocabulary of the train values
             valid = valid.with_columns(feedback.encode(_feedback_values(config, valid)).alias(encoded(FEEDBACK)))
         if parent is None:
@@ -370,13 +370,16 @@ def _feedback_values(config: DatasetConfig, rows: pl.DataFrame) -> pl.Series:
     return rows[column].cast(pl.String)
 
 
-def _feedback_encoder(config: DatasetConfig, train: pl.DataFrame, parent: ParentVocab | None) -> FittedEncoder | None:
-    """Vocabulary of the train split's feedback values (every value seen once counts), or None without feedback."""
+def _feedback_encoder(
+    config: DatasetConfig, train: pl.DataFrame, fit: Callable[[CategoricalFeature, pl.Series], FittedEncoder]
+) -> FittedEncoder | None:
+    """Vocabulary of the train split's feedback values (every value seen once counts; `fit` as for the categorical
+    features: fresh, or the parent's extended), or None without feedback."""
     if config.history.feedback is None:
         return None
     source = LABEL if config.history.feedback == FEEDBACK_FROM_LABEL else config.history.feedback
     feature = CategoricalFeature(FEEDBACK, source, table=FEEDBACK_TABLE, embedding_dim=_item_dim(config))
-    return (fit_encoder if parent is None else parent.encoder)(feature, _feedback_values(config, train))
+    return fit(feature, _feedback_values(config, train))
 
 
 def _item_dim(config: DatasetConfig) -> int:

@@ -124,11 +124,11 @@ class ParentVocab:
 
     def lineage(self, encoders: dict[str, FittedEncoder]) -> Lineage:
         """The record of where today's vocabularies come from: per table, the parent's rows and the ids added."""
-        parent_rows = {
-            encoder.feature.table or name: self.meta.feature(name).cardinality for name, encoder in encoders.items()
-        }
-        added = {encoder.feature.table or name: encoder.cardinality - parent_rows[encoder.feature.table or name]
-                 for name, encoder in encoders.items()}
+        parent_rows, added = {}, {}
+        for name, encoder in encoders.items():
+            table = encoder.feature.table or name
+            parent_rows[table] = self.meta.feature(name).cardinality
+            added[table] = encoder.cardinality - parent_rows[table]
         ancestors = [self.meta.content_hash, *(self.meta.lineage.ancestors if self.meta.lineage else [])]
         return Lineage(parent=str(self.root.resolve()), parent_hash=self.meta.content_hash, ancestors=ancestors,
                        parent_rows=parent_rows, added=added, numeric_stats_from=self.meta.content_hash)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from msit_rec.errors import ConfigError
-from msit_rec.provenance import BF16_CPU_FLAGS, cpu_info
+from msit_rec.provenance import BF16_CPU_FLAGS, cpu_info, native_bf16_flags
 
 AUTO = "auto"
 FP32 = "32-true"
@@ -115,7 +115,7 @@ def choose_precision(
             return PrecisionChoice(BF16, requested, f"{torch.cuda.get_device_name()} multiplies bf16 natively")
         return PrecisionChoice(FP32, requested, "this GPU has no native bf16")
     model, flags = cpu_info()
-    native = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    native = native_bf16_flags(flags)
     if not native:
         return PrecisionChoice(FP32, requested, f"no native bf16 products on this CPU (none of {', '.join(BF16_CPU_FLAGS)})")
     speedup = round(_cpu_speedup(model, flags, measure), 2)

@@ -55,6 +55,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "checkpoint.json"
 RECORD_VERSION = 1
 TENSOR_KEYS = ("state_dict", "optimizer_states")  # parts of a Lightning checkpoint stored with DCP
+MODEL_PREFIX = "state_dict."  # DCP keys of the LightningModule's state_dict
 DATASET_HASH_KEY = "msit_dataset_hash"  # trainer_state key: content hash of the examples the run trains on
 _PARTIAL = ".partial"
 
@@ -198,14 +199,18 @@ def _check_metadata(ckpt_dir: Path) -> None:
         raise DataError(f"checkpoint {ckpt_dir}: .metadata holds non-tensor entries (pickled objects); refused")
 
 
+def saved_tensors(ckpt_dir: str | Path) -> dict[str, TensorStorageMetadata]:
+    """DCP key → global shape and dtype of every tensor in a checkpoint (model and optimizer state)."""
+    metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    return {key: value for key, value in metadata.state_dict_metadata.items() if isinstance(value, TensorStorageMetadata)}
+
+
 def checkpoint_shapes(ckpt_dir: str | Path) -> dict[str, torch.Size]:
     """Global shape of every model tensor in a checkpoint, keyed like the LightningModule's state_dict."""
-    metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
-    prefix = "state_dict."
     return {
-        key.removeprefix(prefix): value.size
-        for key, value in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)
+        key.removeprefix(MODEL_PREFIX): value.size
+        for key, value in saved_tensors(ckpt_dir).items()
+        if key.startswith(MODEL_PREFIX)
     }
 
 
@@ -236,11 +241,12 @@ def load_sharded_into(template: dict[str, Any], ckpt_dir: str | Path) -> dict[st
     try:
         dcp.load(template, checkpoint_id=ckpt_dir)
     except CheckpointException as exc:  # DCP wraps the per-rank causes (a BaseException, not an Exception)
-        raise _unreadable(ckpt_dir, exc) from None
+        raise unreadable(ckpt_dir, exc) from None
     return template
 
 
-def _unreadable(ckpt_dir: Path, exc: CheckpointException) -> DataError:
+def unreadable(ckpt_dir: Path, exc: CheckpointException) -> DataError:
+    """The DataError of a checkpoint DCP could not read, with every rank's cause."""
     causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
     return DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})")
 
@@ -266,7 +272,7 @@ def load_unsharded_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
         try:
             dcp_to_torch_save(ckpt_dir, plain_path)
         except CheckpointException as exc:
-            raise _unreadable(ckpt_dir, exc) from None
+            raise unreadable(ckpt_dir, exc) from None
         return torch.load(plain_path, map_location="cpu", weights_only=True)
 
 

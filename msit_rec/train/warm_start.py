@@ -30,7 +30,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -39,12 +38,19 @@ from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
 from msit_rec.option_defaults import CHECKPOINT
 from msit_rec.run_dir import FIT_CONFIG_FILE, checkpoint_path
-from msit_rec.train.checkpoint import DATASET_HASH_KEY, check_checkpoint_dir, load_trainer_state
+from msit_rec.train.checkpoint import (
+    DATASET_HASH_KEY,
+    MODEL_PREFIX,
+    check_checkpoint_dir,
+    checkpoint_shapes,
+    load_trainer_state,
+    saved_tensors,
+    unreadable,
+)
 from msit_rec.train.sharding import table_parameters
 
 log = logging.getLogger(__name__)
 
-MODEL_PREFIX = "state_dict."  # DCP keys of the LightningModule's state_dict
 OPTIMIZER_PREFIX = "optimizer_states.0.state."  # DCP keys of the (one, combined) optimizer's state
 _LOAD_GROUP_BYTES = 256 << 20  # parent tensors read per DCP call: bounds the memory a rank holds at once
 
@@ -55,12 +61,6 @@ def resolve_init_from(path: str | Path) -> Path:
     if (path / FIT_CONFIG_FILE).is_file():
         path = checkpoint_path(path, CHECKPOINT)
     return path
-
-
-def saved_shapes(ckpt_dir: Path) -> dict[str, TensorStorageMetadata]:
-    """DCP key → global shape and dtype of every tensor of a checked checkpoint."""
-    metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
-    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
 def check_warm_startable(init_from: Path, meta: DatasetMeta, data_dir: Path, model: nn.Module) -> None:
@@ -76,8 +76,7 @@ def check_warm_startable(init_from: Path, meta: DatasetMeta, data_dir: Path, mod
             f"from them (its lineage: {known or 'none'}); prepare --data with --vocab-from <those examples> so every "
             f"known id keeps its row"
         )
-    saved = {k.removeprefix(MODEL_PREFIX): v.size for k, v in saved_shapes(init_from).items()
-             if k.startswith(MODEL_PREFIX)}
+    saved = checkpoint_shapes(init_from)
     expected = {f"model.{key}": value.shape for key, value in model.state_dict().items()}
     tables = {f"model.{key}": table for key, table in table_parameters(model).items()}
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
@@ -146,7 +145,7 @@ def warm_start(module: nn.Module, optimizer: torch.optim.Optimizer, init_from: P
 
 
 def _warm_start(module: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> WarmStartReport:
-    saved = saved_shapes(ckpt_dir)
+    saved = saved_tensors(ckpt_dir)
     model_state = module.state_dict()
     optimizer_state = optimizer.state_dict()
     flat, _ = flatten_state_dict({"state_dict": model_state, "optimizer_states": [optimizer_state]})
@@ -226,8 +225,7 @@ def _read(ckpt_dir: Path, wanted: dict[str, TensorStorageMetadata]) -> dict[str,
     try:
         dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
     except CheckpointException as exc:
-        causes = "; ".join(f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values())
-        raise DataError(f"checkpoint {ckpt_dir}: unreadable ({causes})") from None
+        raise unreadable(ckpt_dir, exc) from None
     return state
 
 
