@@ -29,10 +29,10 @@ from msit_rec.outputs import staged_file
 from msit_rec.provenance import CheckpointPosition, Provenance
 from msit_rec.train.auto_precision import PrecisionChoice
 from msit_rec.train.checkpoint import (
-    TRAINER_STATE_FILE,
     check_checkpoint_dir,
     check_state_matches,
     load_unsharded_state_dict,
+    read_trainer_state,
 )
 from msit_rec.train.sharding import table_parameters
 
@@ -138,9 +138,9 @@ def checkpoint_position(ckpt_dir: str | Path) -> CheckpointPosition | None:
     """Epoch and global step `ckpt_dir` was saved at, from its small trainer_state.pt alone (read as plain data; the
     directory is not hashed again: callers pass one they just wrote or verified). None when that is not readable."""
     try:
-        state = torch.load(Path(ckpt_dir) / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
+        state = read_trainer_state(ckpt_dir)
         return CheckpointPosition(epoch=int(state["epoch"]), global_step=int(state["global_step"]))
-    except (RuntimeError, OSError, ValueError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
+    except (DataError, KeyError, TypeError, ValueError):
         return None
 
 

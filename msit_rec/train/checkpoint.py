@@ -253,7 +253,12 @@ def unreadable(ckpt_dir: Path, exc: CheckpointException) -> DataError:
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     """The non-tensor part of a checkpoint; loaded with weights_only=True (no code runs from the file)."""
-    path = check_checkpoint_dir(ckpt_dir) / TRAINER_STATE_FILE
+    return read_trainer_state(check_checkpoint_dir(ckpt_dir))
+
+
+def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """`load_trainer_state` without verifying the directory: for one the caller just wrote or verified."""
+    path = Path(ckpt_dir) / TRAINER_STATE_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:

@@ -51,8 +51,9 @@ class ValidationMetrics(Metric):
         num = len(self.scenarios)
         aucs = torch.stack([_auc(prob[scenario == s], label[scenario == s]) for s in range(num)])  # [S]
         score = prob.double()
-        gaucs, _ = gauc(score, label, user, scenario, num)  # [S]
-        overall_gauc, _ = gauc(score, label, user)  # [1]
+        order = torch.argsort(score, stable=True)  # one score sort for both GAUCs, as evaluate shares it
+        gaucs, _ = gauc(score, label, user, scenario, num, score_order=order)  # [S]
+        overall_gauc, _ = gauc(score, label, user, score_order=order)  # [1]
         values = {
             "auc": _auc(prob, label),
             "logloss": F.binary_cross_entropy_with_logits(logit.double(), label.double()),
