@@ -18,6 +18,7 @@ from msit_rec.embeddings import META, BatchEmbeddings
 from msit_rec.errors import ConfigError
 from msit_rec.fit_config import ModelConfig
 from msit_rec.modules import RankingHead
+from msit_rec.modules.scenario_gate import RECENCY_KEY, age_packed
 from msit_rec.modules.target_attention import pool_packed
 
 
@@ -52,7 +53,14 @@ class RankingModel(nn.Module):
             scenario_dim=meta.feature("scenario").embedding_dim,
             num_scenarios=len(meta.scenarios),
             feedback_values=feedback.cardinality if feedback is not None else 0,
+            recency=True,
         )
+
+    def absent_from_older_checkpoints(self, saved: set[str]) -> dict[str, torch.Tensor]:
+        """The tensors of this model that `saved` (a checkpoint's keys) lacks because they were added since, at the
+        value under which the model computes what it computed before them: the gate's recency term r = 0."""
+        return {key: torch.zeros_like(value) for key, value in self.state_dict().items()
+                if key.endswith("." + RECENCY_KEY) and key not in saved}
 
     def forward(self, batch: Batch) -> torch.Tensor:  # [B] logits
         return self.details(batch, keep=False).logits
@@ -69,7 +77,8 @@ class RankingModel(nn.Module):
         if self.head.gate is not None:
             own = batch.sequence[self.behaviour_scenario].values()  # [N]
             feedback = batch.sequence[self.behaviour_feedback].values() if self.behaviour_feedback else None  # [N]
-            gate = self.head.gate_packed(behaviours, own, batch.scenario.index_select(0, example), feedback)  # [N]
+            age = age_packed(batch.hist_len, example)  # [N]
+            gate = self.head.gate_packed(behaviours, own, batch.scenario.index_select(0, example), feedback, age)
             weights = weights * gate
         interest = pool_packed(weights, behaviours, example, batch.batch_size)  # [B, D]
         logits = self.head(pooled, target, interest, batch.dense, batch.scenario, scenario_emb)

@@ -170,6 +170,7 @@ def load_model(run: TrainedRun, checkpoint: Path, meta: DatasetMeta, device: tor
         raise DataError(f"checkpoint {checkpoint}: unreadable ({type(exc).__name__}: {exc})") from None
     state = {key.removeprefix(MODULE_PREFIX): value for key, value in saved.items() if key.startswith(MODULE_PREFIX)}
     model = RankingModel(meta, run.model, device=device)
+    state.update(model.absent_from_older_checkpoints(set(state)))
     if meta.content_hash != run.record.dataset_hash:
         state = _oov_for_new_ids(state, model)
     check_state_matches({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in model.state_dict().items()},

@@ -235,7 +235,7 @@ def test_behaviour_scenario_changes_msit_only_through_the_gate(meta, rows, monke
 
     gate_values = net.head.gate.values_packed  # the same gate, told every behaviour happened in scenario 0
     monkeypatch.setattr(net.head.gate, "values_packed",
-                        lambda b, own, s, table, feedback: gate_values(b, torch.zeros_like(own), s, table, feedback))
+                        lambda b, own, s, table, feedback, age: gate_values(b, torch.zeros_like(own), s, table, feedback, age))
     assert torch.equal(logits(net, to_batch(moved, meta)), logits(net, to_batch(rows, meta)))
 
 
@@ -304,3 +304,17 @@ def test_attention_scenario_ablation_needs_an_attention_and_switches_the_part() 
     assert ModelConfig(variant="din").parts == VARIANTS["din"]
     with pytest.raises(ConfigError, match="fit.model: attention_scenario: variant 'shared' has no target attention"):
         from_dict(FitConfig, {"model": {"variant": "shared", "attention_scenario": True}}, "fit")
+
+
+def test_a_checkpoint_from_before_the_recency_term_scores_as_it_did(meta, rows) -> None:
+    """Checkpoints written before the gate's recency term lack r: it loads as 0, the gate those runs trained."""
+    trained = random_model(meta, GATED)
+    with torch.no_grad():
+        trained.head.gate.recency_weight.zero_()  # what an older gate computed
+    older = {k: v for k, v in trained.state_dict().items() if not k.endswith("recency_weight")}
+    loaded = random_model(meta, GATED, seed=1)
+    assert sorted(loaded.absent_from_older_checkpoints(set(older))) == ["head.gate.recency_weight"]
+    loaded.load_state_dict({**older, **loaded.absent_from_older_checkpoints(set(older))})
+    batch = to_batch(rows, meta)
+    assert torch.equal(logits(loaded, batch), logits(trained, batch))
+    assert loaded.absent_from_older_checkpoints(set(trained.state_dict())) == {}

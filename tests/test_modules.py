@@ -17,6 +17,7 @@ from msit_rec.modules import (
     TargetAttention,
     lengths_to_mask,
 )
+from msit_rec.modules.scenario_gate import age_bucket, age_packed, age_padded
 from msit_rec.modules.target_attention import pool_packed
 from tests.reference import din_interest
 
@@ -46,8 +47,9 @@ def _inputs(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
 # (target attention: `din_interest` of tests/reference.py, shared with benchmarks/bench_attention.py)
 
 
-def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None):
-    """Per behaviour: 2σ(w_s·b_j + a_s·e(s_j) + c_s [+ U_s[s_j, v_j]]) with the served scenario's weights."""
+def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None, age=None):
+    """Per behaviour: 2σ(w_s·b_j + a_s·e(s_j) + c_s [+ U_s[s_j, v_j]] [+ r_s[min(⌊log2(age_j + 1)⌋, 7)]]) with the
+    served scenario's weights."""
     out = torch.empty(b.shape[:2], dtype=b.dtype)
     for i in range(b.shape[0]):
         k = int(s[i])
@@ -55,6 +57,8 @@ def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None):
             logit = gate.behaviour_weight[k] @ b[i, j] + gate.scenario_weight[k] @ table[sj[i, j]] + gate.bias[k]
             if feedback is not None:
                 logit = logit + gate.feedback_weight[k, int(sj[i, j]) * gate.feedback_values + int(feedback[i, j])]
+            if age is not None:
+                logit = logit + gate.recency_weight[k, min((int(age[i, j]) + 1).bit_length() - 1, 7)]
             out[i, j] = 2 * torch.sigmoid(logit)
     return out
 
@@ -134,6 +138,55 @@ def test_gate_with_feedback_equals_the_formula_and_needs_it(layout: str):
         torch.testing.assert_close(out, expected[x["mask"]])
     with pytest.raises(ValueError, match="feedback"):
         gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"])
+
+
+def _hand_ages(lengths: list[int], max_len: int) -> torch.Tensor:
+    """Age of every padded position, written out: the last real behaviour is 0, padding 0."""
+    return torch.tensor([[max(n - 1 - j, 0) for j in range(max_len)] for n in lengths])
+
+
+def test_ages_of_both_layouts_count_back_from_the_most_recent_behaviour():
+    x = _inputs()
+    ages = _hand_ages(x["lengths"].tolist(), L)
+    assert torch.equal(age_padded(x["lengths"], L), ages)
+    example = torch.repeat_interleave(torch.arange(B), x["lengths"])
+    assert torch.equal(age_packed(x["lengths"], example), ages[x["mask"]])
+    assert age_packed(x["lengths"], example)[:4].tolist() == [0, 2, 1, 0]  # rows of 0, 1 and 3 behaviours
+    every_age = torch.arange(300)
+    assert torch.equal(age_bucket(every_age), torch.tensor([min((a + 1).bit_length() - 1, 7) for a in range(300)]))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gate_with_recency_equals_the_formula_and_needs_the_ages(layout: str):
+    gate = _randomise(ScenarioGate(D, E, S, feedback_values=2, recency=True).double())
+    x = _inputs()
+    feedback = torch.randint(0, 2, (B, L))
+    age = age_padded(x["lengths"], L)
+    expected = naive_gate(gate, x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback, age)
+    if layout == "padded":
+        out = gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback, age)
+        torch.testing.assert_close(out, expected)
+    else:
+        behaviours, own, example = _packed(x)
+        out = gate.values_packed(behaviours, own, x["scenario"][example], x["table"], feedback[x["mask"]],
+                                 age_packed(x["lengths"], example))
+        torch.testing.assert_close(out, expected[x["mask"]])
+    with pytest.raises(ValueError, match="age"):
+        gate(x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], feedback)
+
+
+def test_recency_weighs_behaviours_by_age_per_served_scenario():
+    """r_s[k] moves only the behaviours of age bucket k in rows served in s."""
+    gate = _randomise(ScenarioGate(D, E, S, recency=True).double())
+    x = _inputs()
+    age = age_padded(x["lengths"], L)
+    args = (x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], None, age)
+    before = gate(*args)
+    with torch.no_grad():
+        gate.recency_weight[1, 1] += 1.0  # served scenario 1, ages 1–2
+    moved = before != gate(*args)
+    expected = (x["scenario"][:, None] == 1) & ((age == 1) | (age == 2))
+    assert torch.equal(moved, expected) and expected.any()
 
 
 def test_gate_own_scenario_acts_only_through_the_gate():
@@ -372,11 +425,13 @@ class HeadStack(nn.Module):
         super().__init__()
         config = ModelConfig(variant=variant, attention_hidden=[16, 8], tower_hidden=[16, 8], activation="prelu",
                              pooling="softmax")
-        self.head = RankingHead(config, pooled_dim=2 * D, dim=D, dense_dim=3, scenario_dim=E, num_scenarios=S)
+        self.head = RankingHead(config, pooled_dim=2 * D, dim=D, dense_dim=3, scenario_dim=E, num_scenarios=S,
+                                recency=True)
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, user, dense):
         context = torch.arange(scenario.shape[0])
-        gate = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
+        age = age_padded(mask.sum(dim=1), L)
+        gate = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None, age)
         e = self.head.scenario_vectors(scenario)  # [B, E]
         interest, _ = self.head.interest_padded(behaviours, mask, target, e, context, gate)
         return self.head(user, target, interest, dense, scenario, e)

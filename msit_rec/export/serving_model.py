@@ -24,6 +24,7 @@ from msit_rec.export.inputs import input_schema
 from msit_rec.export.tables import ServingTable
 from msit_rec.fit_config import SequencePath
 from msit_rec.model import RankingModel
+from msit_rec.modules.scenario_gate import age_padded
 from msit_rec.modules.target_attention import lengths_to_mask
 from msit_rec.serving.contract import Precision
 
@@ -149,7 +150,8 @@ class ServingModel(nn.Module):
         if self.own_scenario_row is not None:
             own = torch.where(mask, history[:, self.own_scenario_row], 0)  # [C, L]
             feedback = torch.where(mask, history[:, self.feedback_row], 0) if self.feedback_row is not None else None
-            gate = self.head.gate_padded(behaviours, own, scenario, feedback)  # [C, L]
+            age = age_padded(hist_len, self.max_len)  # [C, L]
+            gate = self.head.gate_padded(behaviours, own, scenario, feedback, age)  # [C, L]
         # per row: its context's scenario and behaviours
         scenario = scenario.index_select(0, context)  # [B]
         scenario_emb = self.head.scenario_vectors(scenario)  # [B, E]

@@ -30,13 +30,16 @@ class RankingHead(nn.Module):
         scenario_dim: int,
         num_scenarios: int,
         feedback_values: int = 0,  # V of the behaviours' feedback the gate conditions on; 0 = none
+        recency: bool = False,  # the gate weighs behaviours by their age too (ScenarioGate)
     ) -> None:
         super().__init__()
         parts = config.parts
         self.parts = parts
         # S rows: a plain dense (replicated) table; absent when the variant never looks at the scenario
         self.scenario_embedding = nn.Embedding(num_scenarios, scenario_dim) if parts.uses_scenario else None
-        self.gate = ScenarioGate(dim, scenario_dim, num_scenarios, feedback_values) if parts.behaviour_gate else None
+        self.gate = (
+            ScenarioGate(dim, scenario_dim, num_scenarios, feedback_values, recency) if parts.behaviour_gate else None
+        )
         self.attention = (
             TargetAttention(
                 dim,
@@ -70,20 +73,30 @@ class RankingHead(nn.Module):
         return scenario_emb if self.parts.attention_scenario else None
 
     def gate_packed(
-        self, behaviours: torch.Tensor, own: torch.Tensor, served: torch.Tensor, feedback: torch.Tensor | None
+        self,
+        behaviours: torch.Tensor,
+        own: torch.Tensor,
+        served: torch.Tensor,
+        feedback: torch.Tensor | None,
+        age: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The transfer weight g [N] of each behaviour [N, D] for (served [N], own scenario [N], feedback [N] or
-        None); requires a gate."""
-        return self.gate.values_packed(behaviours, own, served, self.scenario_embedding.weight, feedback)
+        None, age [N]: scenario_gate.age_packed); requires a gate."""
+        return self.gate.values_packed(behaviours, own, served, self.scenario_embedding.weight, feedback, age)
 
     def gate_padded(
-        self, behaviours: torch.Tensor, own: torch.Tensor, scenario: torch.Tensor, feedback: torch.Tensor | None
+        self,
+        behaviours: torch.Tensor,
+        own: torch.Tensor,
+        scenario: torch.Tensor,
+        feedback: torch.Tensor | None,
+        age: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The transfer weight g [C, L] of behaviours [C, L, D] for (served scenario [C], own scenario [C, L],
-        feedback [C, L] or None); None without a gate."""
+        feedback [C, L] or None, age [C, L]: scenario_gate.age_padded); None without a gate."""
         if self.gate is None:
             return None
-        return self.gate(behaviours, own, scenario, self.scenario_embedding.weight, feedback)
+        return self.gate(behaviours, own, scenario, self.scenario_embedding.weight, feedback, age)
 
     def attention_packed(
         self, behaviours: torch.Tensor, example: torch.Tensor, target: torch.Tensor, scenario_emb: torch.Tensor | None

@@ -5,10 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+RECENCY_KEY = "recency_weight"  # the parameter r_s; absent from checkpoints written before it
+
+
+RECENCY_BUCKETS = 8  # ages 0 | 1–2 | 3–6 | 7–14 | 15–30 | 31–62 | 63–126 | ≥ 127, whatever the history length
+
+
+def age_bucket(age: torch.Tensor) -> torch.Tensor:
+    """min(⌊log2(age + 1)⌋, 7) of each behaviour's age (0 = most recent), exactly, by counting the thresholds 2^k − 1
+    it reaches: recent behaviours get buckets of their own, old ones share wide ones."""
+    thresholds = torch.arange(1, RECENCY_BUCKETS, device=age.device).exp2().sub(1).to(age.dtype)  # [7]: 1, 3, 7, …
+    return (age[..., None] >= thresholds).sum(dim=-1)
+
+
+def age_padded(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Age [C, L] of each position of histories padded after their `lengths` [C] real behaviours (oldest first):
+    0 for the most recent; padding gets 0 too (it is masked out anyway)."""
+    return (lengths[:, None] - 1 - torch.arange(max_len, device=lengths.device)).clamp(min=0)
+
+
+def age_packed(lengths: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """Age [N] of each packed behaviour (histories oldest first, example by example; `example` [N] its row)."""
+    lengths = lengths.long()
+    starts = torch.cumsum(lengths, 0) - lengths  # [B] first packed index of each row
+    position = torch.arange(example.shape[0], device=example.device) - starts.index_select(0, example)
+    return lengths.index_select(0, example) - 1 - position
+
 
 class ScenarioGate(nn.Module):
-    """Transfer weight `g_j = 2σ(w_s·b_j + a_s·e(s_j) + c_s [+ U_s[s_j, v_j]]) ∈ (0, 2)` of each behaviour, with the
-    weights `w_s`, `a_s`, `c_s` (and `U_s`) of the *served* scenario `s`.
+    """Transfer weight `g_j = 2σ(w_s·b_j + a_s·e(s_j) + c_s [+ U_s[s_j, v_j]] [+ r_s[k(age_j)]]) ∈ (0, 2)` of each
+    behaviour, with the weights `w_s`, `a_s`, `c_s` (`U_s`, `r_s`) of the *served* scenario `s`.
 
     This is where interest transfers between scenarios: the served scenario decides, from the behaviour, the scenario
     it happened in and (with contract v2's hist_feedback, `feedback_values` > 0) its feedback v_j, how much the
@@ -16,6 +42,12 @@ class ScenarioGate(nn.Module):
     feed can count differently from a skip in search, and differently for each served scenario. The target attention
     keeps seeing the behaviours as they are: which behaviour matches the item is its job, which scenarios transfer
     the gate's.
+
+    Recency (`recency`): `r_s[k]` per served scenario and age bucket `k = ⌊log2(age_j + 1)⌋` (age 0 = the most
+    recent behaviour). How far back a user's interest still holds depends on where they are served — the last few
+    behaviours decide a binge, the whole history a first visit — and target attention, which sees only what each
+    behaviour *is*, cannot tell. Measured on MovieLens (benchmarks/bench_quality.py, 5 seeds): +0.003 test AUC on
+    the genre scenarios and +0.002 on the session scenarios over the gate without it.
 
     Initialisation: every weight starts at zero, so g = 1 — the model starts as its attention alone, with σ at its
     steepest, and the gate moves both ways from there. (An earlier gate scaled each of the D dimensions of b_j,
@@ -27,7 +59,9 @@ class ScenarioGate(nn.Module):
     up per behaviour. Shapes: the legend in msit_rec/modules/__init__.py.
     """
 
-    def __init__(self, dim: int, scenario_dim: int, num_scenarios: int, feedback_values: int = 0) -> None:
+    def __init__(
+        self, dim: int, scenario_dim: int, num_scenarios: int, feedback_values: int = 0, recency: bool = False
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.num_scenarios = num_scenarios
@@ -37,6 +71,9 @@ class ScenarioGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_scenarios))  # [S] c_s
         contexts = num_scenarios * feedback_values
         self.feedback_weight = nn.Parameter(torch.zeros(num_scenarios, contexts)) if feedback_values else None
+        self.recency_weight = (  # [S, RECENCY_BUCKETS] r_s (named RECENCY_KEY)
+            nn.Parameter(torch.zeros(num_scenarios, RECENCY_BUCKETS)) if recency else None
+        )
 
     def _pair_logits(self, scenario_table: torch.Tensor) -> torch.Tensor:
         """The term of the behaviour's context and c_s for every (served, own scenario[, feedback]) triple, flattened:
@@ -56,6 +93,14 @@ class ScenarioGate(nn.Module):
             raise ValueError("this gate was built with feedback_values > 0: pass each behaviour's feedback")
         return pair * self.feedback_values + feedback
 
+    def _recency(self, served: torch.Tensor, age: torch.Tensor | None) -> torch.Tensor | float:
+        """r_s[k(age)] of each behaviour (0 without the recency term)."""
+        if self.recency_weight is None:
+            return 0.0
+        if age is None:
+            raise ValueError("this gate was built with recency: pass each behaviour's age")
+        return self.recency_weight.reshape(-1)[served * RECENCY_BUCKETS + age_bucket(age)]
+
     def forward(
         self,
         behaviours: torch.Tensor,  # [C, L, D]
@@ -63,10 +108,12 @@ class ScenarioGate(nn.Module):
         scenario: torch.Tensor,  # [C] int, served scenario
         scenario_table: torch.Tensor,  # [S, E], the scenario embeddings e(·)
         feedback: torch.Tensor | None = None,  # [C, L] int, each behaviour's encoded feedback (padding: any valid id)
+        age: torch.Tensor | None = None,  # [C, L] int, each behaviour's age (age_padded)
     ) -> torch.Tensor:  # [C, L] g_j in (0, 2)
         pair = self._pair(scenario[:, None], behaviour_scenario, feedback)  # [C, L]
         content = torch.bmm(behaviours, self.behaviour_weight.index_select(0, scenario)[:, :, None]).squeeze(2)
-        return 2.0 * torch.sigmoid(self._pair_logits(scenario_table)[pair] + content)
+        logit = self._pair_logits(scenario_table)[pair] + content + self._recency(scenario[:, None], age)
+        return 2.0 * torch.sigmoid(logit)
 
     def values_packed(
         self,
@@ -75,7 +122,8 @@ class ScenarioGate(nn.Module):
         served: torch.Tensor,  # [N] int, served scenario of the example each behaviour belongs to
         scenario_table: torch.Tensor,  # [S, E]
         feedback: torch.Tensor | None = None,  # [N] int
+        age: torch.Tensor | None = None,  # [N] int, each behaviour's age (age_packed)
     ) -> torch.Tensor:  # [N] g_j in (0, 2)
         content = (behaviours * self.behaviour_weight.index_select(0, served)).sum(dim=1)  # [N]
         pair = self._pair(served, behaviour_scenario, feedback)
-        return 2.0 * torch.sigmoid(self._pair_logits(scenario_table)[pair] + content)
+        return 2.0 * torch.sigmoid(self._pair_logits(scenario_table)[pair] + content + self._recency(served, age))
