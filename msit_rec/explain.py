@@ -45,6 +45,7 @@ from msit_rec.errors import ConfigError, DataError
 from msit_rec.evaluate import HOST, default_device
 from msit_rec.explain_report import EXPLAIN_REPORT_OUTPUTS, write_explain_report
 from msit_rec.metrics import optional_float
+from msit_rec.modules.scenario_gate import RECENCY_BUCKETS, age_bucket, age_packed
 from msit_rec.outputs import check_no_overlap, check_replaceable_dir, staged_dir
 from msit_rec.report import OVERALL
 from msit_rec.run_dir import check_dataset, load_model, read_run, resolve_checkpoint
@@ -109,6 +110,7 @@ class Explanation:
     transfer: Transfer
     behaviours: dict[str, dict[str, int]]  # behaviours from the source in rows served in the scenario
     gate: dict[str, dict[str, float | None]] | None  # mean transfer weight g; None: the variant has no gate
+    gate_by_age: dict[str, dict[str, float | None]] | None  # served → behaviour age (bucket) → mean g; None: no gate
     attention: dict[str, dict[str, float | None]] | None  # share of Σ|α|; None: sum pooling (every α is 1)
     min_occurrences: int
     top: dict[str, dict[str, list[TopBehaviour]]] | None  # served → sequence feature → top; None without attention
@@ -185,18 +187,23 @@ class BehaviourTotals:
         self.count = torch.zeros(cells, dtype=torch.int64)  # [S·S] behaviours, cell = s·S + t
         self.gate = torch.zeros(cells, dtype=torch.float64)  # [S·S] Σ transfer weight g
         self.attention = torch.zeros(cells, dtype=torch.float64)  # [S·S] Σ |α|
+        self.age_count = torch.zeros(num_scenarios * RECENCY_BUCKETS, dtype=torch.int64)  # [S·8] at s·8 + age bucket
+        self.age_gate = torch.zeros(num_scenarios * RECENCY_BUCKETS, dtype=torch.float64)  # [S·8] Σ g
         self.cardinality = tracked  # feature → table rows
         empty_key, empty_pairs = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64)
         self.by_value = {  # feature → sparse [S·S·V, 2] (occurrences, Σ α) at cell·V + value
             name: _sparse(empty_key, empty_pairs, cells * rows) for name, rows in tracked.items()
         }
 
-    def add(self, cell: torch.Tensor, gate: torch.Tensor | None, attention: torch.Tensor,
+    def add(self, cell: torch.Tensor, age_cell: torch.Tensor, gate: torch.Tensor | None, attention: torch.Tensor,
             values: dict[str, torch.Tensor]) -> None:
-        """Behaviours' cells [N], mean gates [N] (None: no gate), α [N] and tracked feature values {name: [N]}."""
+        """Behaviours' cells [N], (served, age bucket) cells [N], gates [N] (None: no gate), α [N] and tracked
+        feature values {name: [N]}."""
         self.count += torch.bincount(cell, minlength=self.count.shape[0])
+        self.age_count += torch.bincount(age_cell, minlength=self.age_count.shape[0])
         if gate is not None:
             self.gate.index_add_(0, cell, gate.to(torch.float64))
+            self.age_gate.index_add_(0, age_cell, gate.to(torch.float64))
         self.attention.index_add_(0, cell, attention.to(torch.float64).abs())
         pairs = torch.stack([torch.ones_like(attention, dtype=torch.float64), attention.to(torch.float64)], dim=1)
         for name, value in values.items():
@@ -241,9 +248,10 @@ def score_interventions(
             ))
             served = batch.scenario.index_select(0, details.example).to(HOST)  # [N]
             own = batch.sequence[key].values().to(HOST)  # [N]
+            age = age_bucket(age_packed(batch.hist_len, details.example)).to(HOST)  # [N]
             gate = details.gate.to(HOST) if details.gate is not None else None
             values = {name: batch.sequence[name].values().to(HOST) for name in totals.cardinality}
-            totals.add(served * num + own, gate, details.attention.to(HOST), values)
+            totals.add(served * num + own, served * RECENCY_BUCKETS + age, gate, details.attention.to(HOST), values)
     if not parts:
         raise DataError("no rows to explain: the split is empty")
     return InterventionScores(*(torch.cat([getattr(p, f.name) for p in parts], dim=-1)
@@ -338,6 +346,20 @@ def _matrix(values: torch.Tensor, scenarios: list[str]) -> dict[str, dict[str, f
 def gate_means(totals: BehaviourTotals, scenarios: list[str]) -> dict[str, dict[str, float | None]]:
     """Mean transfer weight g of the behaviours from t in rows served in s (0/0 = NaN → None: no such behaviour)."""
     return _matrix(totals.gate / totals.count, scenarios)
+
+
+def age_label(bucket: int) -> str:
+    """The ages (0 = the most recent behaviour) that scenario_gate.age_bucket puts in `bucket`."""
+    low, high = 2**bucket - 1, 2 ** (bucket + 1) - 2
+    return f"≥ {low}" if bucket == RECENCY_BUCKETS - 1 else str(low) if low == high else f"{low}–{high}"
+
+
+def gate_by_age(totals: BehaviourTotals, scenarios: list[str], max_len: int) -> dict[str, dict[str, float | None]]:
+    """Mean transfer weight g of the behaviours of each age bucket (those a history of `max_len` reaches) in rows
+    served in s: how far back each served scenario lets the user's interest reach (None: no such behaviour)."""
+    buckets = int(age_bucket(torch.tensor(max(max_len, 1) - 1))) + 1
+    means = (totals.age_gate / totals.age_count).reshape(len(scenarios), RECENCY_BUCKETS)
+    return {s: {age_label(k): optional_float(means[i, k]) for k in range(buckets)} for i, s in enumerate(scenarios)}
 
 
 def attention_shares(totals: BehaviourTotals, scenarios: list[str]) -> dict[str, dict[str, float | None]]:
@@ -474,6 +496,7 @@ def explain(
         behaviours={s: {t: int(n) for t, n in zip(scenarios, row)}
                     for s, row in zip(scenarios, totals.count.reshape(len(scenarios), -1).tolist())},
         gate=gate_means(totals, scenarios) if parts.behaviour_gate else None,
+        gate_by_age=gate_by_age(totals, scenarios, meta.history.max_len) if parts.behaviour_gate else None,
         attention=attention_shares(totals, scenarios) if parts.attention else None,
         min_occurrences=MIN_OCCURRENCES,
         top=top_behaviours(totals, scenarios, top, MIN_OCCURRENCES) if parts.attention else None,

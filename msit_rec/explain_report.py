@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 TRANSFER_AUC_PLOT = "transfer_auc.png"
 TRANSFER_LOGIT_PLOT = "transfer_logit.png"
 GATE_PLOT = "gate.png"
+GATE_AGE_PLOT = "gate_by_age.png"
 ATTENTION_PLOT = "attention.png"
-EXPLAIN_REPORT_OUTPUTS = (REPORT_FILE, TRANSFER_AUC_PLOT, TRANSFER_LOGIT_PLOT, GATE_PLOT, ATTENTION_PLOT)
+EXPLAIN_REPORT_OUTPUTS = (
+    REPORT_FILE, TRANSFER_AUC_PLOT, TRANSFER_LOGIT_PLOT, GATE_PLOT, GATE_AGE_PLOT, ATTENTION_PLOT
+)
 
 Matrix = dict[str, dict[str, float | None]]  # served → source → value
 
@@ -71,8 +74,10 @@ def logit_table(explanation: Explanation) -> str:
     return "## Transfer by intervention: mean |Δ logit|\n\n" + _markdown(header, rows) + "\n\n" + legend
 
 
-def matrix_table(title: str, matrix: Matrix, fmt: Callable[[float | None], str], legend: str) -> str:
-    header = ["served \\ source", *next(iter(matrix.values()))]
+def matrix_table(
+    title: str, matrix: Matrix, fmt: Callable[[float | None], str], legend: str, columns: str = "source"
+) -> str:
+    header = [f"served \\ {columns}", *next(iter(matrix.values()))]
     rows = [[served, *(fmt(v) for v in values.values())] for served, values in matrix.items()]
     return f"## {title}\n\n" + _markdown(header, rows) + "\n\n" + legend
 
@@ -107,7 +112,7 @@ def _percent(value: float | None) -> str:
 
 def plot_heatmap(
     matrix: Matrix, title: str, label: str, path: Path, centred: bool = False, marked: Matrix | None = None,
-    fmt: str = "{:.3f}",
+    fmt: str = "{:.3f}", xlabel: str = "source scenario (where the behaviours happened)",
 ) -> Path:
     """Served (rows) × source (columns) heatmap, each cell annotated; `centred`: a diverging scale around 0.
     `marked` cells (truthy values) get a star."""
@@ -130,7 +135,7 @@ def plot_heatmap(
                         color=_text_colour(float(image.norm(values[i][j])), centred))
     ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
     ax.set_yticks(range(len(served)), served)
-    ax.set_xlabel("source scenario (where the behaviours happened)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("served scenario")
     ax.set_title(title)
     figure.colorbar(image, ax=ax, label=label)
@@ -145,7 +150,8 @@ def _text_colour(level: float, centred: bool) -> str:
 
 
 def write_explain_report(explanation: Explanation, out_dir: Path) -> list[Path]:
-    """report.md and the heatmaps (gate.png and attention.png only for variants that have them); returns paths."""
+    """report.md and the heatmaps (gate.png, gate_by_age.png and attention.png only for variants that have them);
+    returns paths."""
     scenarios = explanation.scenarios
     cells = {s: explanation.transfer.cells[s] for s in scenarios}  # the heatmaps leave out the overall row
     drops = {s: {t: c.auc_drop for t, c in row.items()} for s, row in cells.items()}
@@ -168,8 +174,17 @@ def write_explain_report(explanation: Explanation, out_dir: Path) -> list[Path]:
         sections.append(matrix_table(
             "Scenario gate", explanation.gate, lambda v: _fixed(v, 3),
             "Mean over the behaviours from the column's scenario in rows served in the row's scenario of the "
-            "transfer weight g = 2σ(w_s·b_j + a_s·e(s_j) + c_s) that multiplies their attention weight: 1 is "
-            "neutral (a fresh gate), above 1 the served scenario counts them more, below less.",
+            "transfer weight g = 2σ(w_s·b_j + a_s·e(s_j) + c_s + U_s[s_j, v_j] + r_s[age bucket]) that multiplies "
+            "their attention weight (U: with behaviour feedback v_j): 1 is neutral (a fresh gate), above 1 the served "
+            "scenario counts them more, below less.",
+        ))
+        plots.append(plot_heatmap(explanation.gate_by_age, "mean transfer weight g by behaviour age", "mean g",
+                                  out_dir / GATE_AGE_PLOT, xlabel="age of the behaviour (0 = the most recent)"))
+        sections.append(matrix_table(
+            "Scenario gate by behaviour age", explanation.gate_by_age, lambda v: _fixed(v, 3),
+            "Mean transfer weight g of the behaviours of each age (0 = the user's most recent behaviour before the "
+            "impression, 1–2 the two before it, ...) in rows served in the row's scenario: how far back each "
+            "scenario lets the user's interest reach.", columns="age",
         ))
     if explanation.attention is not None:
         plots.append(plot_heatmap(explanation.attention, "share of attention mass Σ|α|", "share",

@@ -27,13 +27,14 @@ from msit_rec.explain import (
     Explanation,
     attention_shares,
     explain,
+    gate_by_age,
     gate_means,
     score_interventions,
     select_rows,
     top_behaviours,
     without_source,
 )
-from msit_rec.explain_report import ATTENTION_PLOT, GATE_PLOT
+from msit_rec.explain_report import ATTENTION_PLOT, GATE_AGE_PLOT, GATE_PLOT
 from msit_rec.train.fit import fit
 from tests.random_model import random_model
 from tests.training_worker import SAME_BUDGET, fit_config
@@ -100,16 +101,45 @@ def test_behaviour_totals_give_gate_means_attention_shares_and_top_values() -> N
     scenarios = ["a", "b"]
     totals = BehaviourTotals(2, {"hist_item": 10})
     cell = torch.tensor([0, 1, 1, 3])
-    totals.add(cell, torch.tensor([0.25, 0.25, 0.75, 1.0]), torch.tensor([1.0, -2.0, 2.0, 0.5]),
+    age_cell = torch.tensor([0, 1, 1, 8])  # served a: ages 0, 1, 2 (buckets 0, 1, 1); served b: age 0
+    totals.add(cell, age_cell, torch.tensor([0.25, 0.25, 0.75, 1.0]), torch.tensor([1.0, -2.0, 2.0, 0.5]),
                {"hist_item": torch.tensor([5, 6, 6, 7])})
-    totals.add(cell[:1], torch.tensor([0.75]), torch.tensor([3.0]), {"hist_item": torch.tensor([5])})  # a second batch
+    totals.add(cell[:1], age_cell[:1], torch.tensor([0.75]), torch.tensor([3.0]),
+               {"hist_item": torch.tensor([5])})  # a second batch
     assert totals.count.tolist() == [2, 2, 0, 1]
     assert gate_means(totals, scenarios) == {"a": {"a": 0.5, "b": 0.5}, "b": {"a": None, "b": 1.0}}
+    assert gate_by_age(totals, scenarios, max_len=7) == {"a": {"0": 0.5, "1–2": 0.5, "3–6": None},
+                                                         "b": {"0": 1.0, "1–2": None, "3–6": None}}
+    assert list(gate_by_age(totals, scenarios, max_len=200)["a"]) == [
+        "0", "1–2", "3–6", "7–14", "15–30", "31–62", "63–126", "≥ 127"]
     assert attention_shares(totals, scenarios) == {"a": {"a": 0.5, "b": 0.5}, "b": {"a": 0.0, "b": 1.0}}  # Σ|α|
     top = top_behaviours(totals, scenarios, top=5, min_occurrences=2)
     assert [(b.index, b.count, b.mean_attention, b.sources) for b in top["a"]["hist_item"]] == [
         (5, 2, 2.0, {"a": 2}), (6, 2, 0.0, {"b": 2})]
     assert top["b"]["hist_item"] == []  # item 7 was seen once only
+
+
+def test_gate_by_age_is_the_mean_gate_of_the_behaviours_of_each_age(small_examples: Path) -> None:
+    """explain's age table against the gate of every behaviour, with its age counted by hand from the histories."""
+    meta = DatasetMeta.load(small_examples)
+    net = random_model(meta, "msit").eval()
+    batch = next(iter(make_loader(ExamplesDataset(small_examples, "valid", 300))))
+    totals = BehaviourTotals(len(meta.scenarios), {})
+    score_interventions(net, [batch], meta, CPU, totals, progress=False)
+    with torch.no_grad():
+        gate = net.details(batch).gate
+    sums: dict[tuple[int, int], list[float]] = {}
+    position = 0
+    for row, length in enumerate(batch.hist_len.tolist()):
+        for j in range(length):  # oldest first: the last one has age 0
+            bucket = min((length - 1 - j + 1).bit_length() - 1, 7)
+            sums.setdefault((int(batch.scenario[row]), bucket), []).append(float(gate[position]))
+            position += 1
+    table = gate_by_age(totals, meta.scenarios, meta.history.max_len)
+    for (served, bucket), values in sums.items():
+        age = list(table[meta.scenarios[served]])[bucket]
+        assert table[meta.scenarios[served]][age] == pytest.approx(sum(values) / len(values), rel=1e-6)
+    assert len({b for _, b in sums}) > 2  # several ages were seen
 
 
 @pytest.mark.parametrize("variant", ["msit", "shared"])
@@ -189,7 +219,8 @@ def test_intervention_matrix_finds_the_planted_transfer(transfer_examples: Path,
                               f"{high[i, j]:+.4f}]" for j, t in enumerate(explanation.scenarios))
             print(f"  {served:>8} <- {cells}")
         names = {path.name for path in written}
-        assert (GATE_PLOT in names) == (variant == "msit") and (ATTENTION_PLOT in names) == (variant != "shared")
+        assert (GATE_PLOT in names) == (GATE_AGE_PLOT in names) == (variant == "msit")
+        assert (ATTENTION_PLOT in names) == (variant != "shared")
     drop, low, high = found["msit"]
     assert drop[is_planted].min() > drop[unplanted].max(), "a planted pair ranks below an unplanted one"
     assert (low[is_planted] > 0).all(), "a planted pair's interval reaches 0"
@@ -209,7 +240,8 @@ def test_cli_explains_a_sample_of_rows(transfer_examples: Path, tmp_path: Path, 
     saved = json.loads((out / EXPLAIN_FILE).read_text())
     assert saved["version"] == 1 and saved["rows"] == 3000 and saved["variant"] == "msit"
     assert {p.name for p in out.iterdir()} == {EXPLAIN_FILE, "report.md", "transfer_auc.png", "transfer_logit.png",
-                                               GATE_PLOT, ATTENTION_PLOT}
+                                               GATE_PLOT, GATE_AGE_PLOT, ATTENTION_PLOT}
+    assert set(saved["gate_by_age"]["home"]) >= {"0", "1–2", "3–6"}
     items = saved["top"]["home"]["hist_item"]
     assert items and all(isinstance(b["raw"], int) and b["count"] >= 20 for b in items)  # raw item ids
     assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err

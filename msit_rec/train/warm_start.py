@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
+from msit_rec.model import RankingModel
 from msit_rec.option_defaults import CHECKPOINT
 from msit_rec.run_dir import FIT_CONFIG_FILE, checkpoint_path
 from msit_rec.train.checkpoint import (
@@ -63,7 +64,7 @@ def resolve_init_from(path: str | Path) -> Path:
     return path
 
 
-def check_warm_startable(init_from: Path, meta: DatasetMeta, data_dir: Path, model: nn.Module) -> None:
+def check_warm_startable(init_from: Path, meta: DatasetMeta, data_dir: Path, model: RankingModel) -> None:
     """DataError unless `init_from` is an intact checkpoint of a model like `model` (the one built from `meta`),
     trained on examples `meta` descends from, with no table larger than here. Runs before any process starts."""
     check_checkpoint_dir(init_from)
@@ -79,7 +80,9 @@ def check_warm_startable(init_from: Path, meta: DatasetMeta, data_dir: Path, mod
     saved = checkpoint_shapes(init_from)
     expected = {f"model.{key}": value.shape for key, value in model.state_dict().items()}
     tables = {f"model.{key}": table for key, table in table_parameters(model).items()}
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    older = model.absent_from_older_checkpoints({key.removeprefix("model.") for key in saved})  # start fresh: r = 0
+    missing = sorted(set(expected) - set(saved) - {f"model.{key}" for key in older})
+    unexpected = sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise DataError(f"{flag}: the checkpoint's model differs from the one --model/--trainer and --data build "
                         f"(missing {missing[:4]}, unexpected {unexpected[:4]}); warm-start with the parent's model "
