@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 
 from msit_rec.fit_config import ModelConfig
 from msit_rec.modules import RankingHead, TargetAttention, lengths_to_mask
+from msit_rec.modules.scenario_gate import age_padded
 from msit_rec.provenance import host_facts
 from tests.reference import din_scores
 
@@ -50,12 +51,13 @@ class DenseStack(nn.Module):
 
     def __init__(self, attention: type[TargetAttention]) -> None:
         super().__init__()
-        self.head = RankingHead(MODEL, pooled_dim=POOLED, dim=D, dense_dim=DENSE, scenario_dim=E, num_scenarios=S)
+        self.head = RankingHead(MODEL, pooled_dim=POOLED, dim=D, dense_dim=DENSE, scenario_dim=E, num_scenarios=S,
+                                recency=True)
         self.head.attention = attention(D, MODEL.attention_hidden, scenario_dim=E if MODEL.parts.attention_scenario else 0)
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, pooled, dense):
         e = self.head.scenario_vectors(scenario)
-        gate = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None)
+        gate = self.head.gate_padded(behaviours, behaviour_scenario, scenario, None, age_padded(mask.sum(1), mask.shape[1]))
         interest, _ = self.head.interest_padded(behaviours, mask, target, e, torch.arange(scenario.shape[0]), gate)
         return self.head(pooled, target, interest, dense, scenario, e)
 
