@@ -148,6 +148,7 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
             self.first, self.last = first, last
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.classes: dict[str, float] = {}
+            self.top: dict[str, float] = {}
 
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
             if trainer.global_step == self.first:
@@ -157,6 +158,7 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
             if trainer.global_step == self.last:
                 self.profiler.__exit__(None, None, None)
                 self.classes = op_class_seconds(self.profiler, self.last - self.first)
+                self.top = top_op_seconds(self.profiler, self.last - self.first)
 
     devices = params["devices"]
     torch.set_num_threads(max(1, params["threads"] // devices))
@@ -176,6 +178,7 @@ def run_lightning(params: dict[str, Any]) -> dict[str, Any]:
     result = window_stats(marks.marks, params["warmup"], BATCH * devices)
     if profiled is not None:
         result["op_class_ms_per_step"] = {name: round(s * 1e3, 1) for name, s in profiled.classes.items()}
+        result["top_op_ms_per_step"] = {name: round(s * 1e3, 1) for name, s in profiled.top.items()}
     return {**result, "rank": trainer.global_rank, "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib()}
 
 
@@ -192,6 +195,9 @@ OP_CLASSES = (
 )
 
 
+TOP_OPS = 15  # ops listed by name in a profile
+
+
 def op_class_seconds(profiler: Any, steps: int) -> dict[str, float]:
     """Self CPU seconds per step of each op class (self time: nothing counted twice), largest first; the rest is
     `other`."""
@@ -201,6 +207,12 @@ def op_class_seconds(profiler: Any, steps: int) -> dict[str, float]:
         kind = next((k for k, patterns in OP_CLASSES if any(p in name for p in patterns)), "other")
         totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e6 / steps
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def top_op_seconds(profiler: Any, steps: int, count: int = TOP_OPS) -> dict[str, float]:
+    """Self CPU seconds per step of the `count` most expensive ops: which ops of a class to work on."""
+    seconds = {event.key: event.self_cpu_time_total / 1e6 / steps for event in profiler.key_averages()}
+    return dict(sorted(seconds.items(), key=lambda item: -item[1])[:count])
 
 
 def build_twin(params: dict[str, Any]) -> tuple[Any, list[Any], Any]:
@@ -492,6 +504,8 @@ def main() -> None:
             total = sum(r["op_class_ms_per_step"].values())
             shares = ", ".join(f"{k} {v:.0f} ms ({v / total:.0%})" for k, v in r["op_class_ms_per_step"].items())
             print(f"profile of {r['name']} (self CPU ms per step, {total:.0f} in all): {shares}")
+            top = ", ".join(f"{k} {v:.1f}" for k, v in r["top_op_ms_per_step"].items())
+            print(f"  its {len(r['top_op_ms_per_step'])} costliest ops (ms per step): {top}")
     for each in floors.values():
         print(f"{each['dtype']} matmul floor of one step ({each['matmuls']} products, {each['gflop']} GFLOP, alone, "
               f"best of 5): {each['floor_ms']} ms at {each['matmul_gflops']} GFLOP/s (large-GEMM peak "
