@@ -470,3 +470,19 @@ def test_export_with_dynamic_batch(variant: str):
     for size in (1, 5, 37):
         inputs = _stack_inputs(size)
         torch.testing.assert_close(exported(*inputs), stack(*inputs))
+
+
+def test_packed_attention_trains_under_bf16_autocast():
+    """`trainer.precision: bf16-mixed` runs the packed path under autocast (in-place products there must cast):
+    close to fp32, with fp32 gradients for every weight."""
+    att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E))
+    x = _inputs(torch.float32)
+    behaviours, _, example = _packed(x)
+    e = torch.randn(B, E)
+    exact = att.weights_packed(behaviours, example, x["target"], e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = att.weights_packed(behaviours, example, x["target"], e)
+    low.float().sum().backward()
+    torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in att.parameters())

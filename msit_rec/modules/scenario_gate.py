@@ -55,8 +55,8 @@ class ScenarioGate(nn.Module):
     attention model alone, which this one ties, with the same planted-transfer win — benchmarks/bench_quality.py.)
 
     `forward` takes padded behaviours [C, L, D] (the exported serving program), `values_packed` the real ones [N, D]
-    (training). The (served, own scenario[, feedback]) term is tabulated once per call for every triple and looked
-    up per behaviour. Shapes: the legend in msit_rec/modules/__init__.py.
+    (training). The terms of the behaviour's context (served, own scenario[, feedback][, age]) are tabulated once
+    per call for every tuple and looked up per behaviour. Shapes: the legend in msit_rec/modules/__init__.py.
     """
 
     def __init__(
@@ -75,31 +75,32 @@ class ScenarioGate(nn.Module):
             nn.Parameter(torch.zeros(num_scenarios, RECENCY_BUCKETS)) if recency else None
         )
 
-    def _pair_logits(self, scenario_table: torch.Tensor) -> torch.Tensor:
-        """The term of the behaviour's context and c_s for every (served, own scenario[, feedback]) triple, flattened:
-        [S·S·V] (V = 1 without feedback)."""
-        pairs = self.scenario_weight @ scenario_table.t() + self.bias[:, None]  # [S served, S own]
+    def _context_logits(self, scenario_table: torch.Tensor) -> torch.Tensor:
+        """Every term but the content one, `c_s + a_s·e(s_j) [+ U_s[s_j, v]] [+ r_s[k]]`, for every (served, own
+        scenario[, feedback][, age bucket]) tuple, flattened: [S·S·V·K] (V = 1 without feedback, K = 1 without
+        recency) — a few thousand entries, so each behaviour needs one lookup, and backward one scatter."""
+        terms = self.scenario_weight @ scenario_table.t() + self.bias[:, None]  # [S served, S own]
         if self.feedback_weight is not None:
             shape = (self.num_scenarios, self.num_scenarios, self.feedback_values)
-            pairs = pairs[:, :, None] + self.feedback_weight.view(shape)  # [S, S, V]
-        return pairs.reshape(-1)
+            terms = terms[:, :, None] + self.feedback_weight.view(shape)  # [S, S, V]
+        if self.recency_weight is not None:
+            terms = terms.reshape(self.num_scenarios, -1, 1) + self.recency_weight[:, None, :]  # [S, S·V, K]
+        return terms.reshape(-1)
 
-    def _pair(self, served: torch.Tensor, own: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
-        """Entry of `_pair_logits` for each behaviour: (served, own scenario, feedback) flattened."""
-        pair = served * self.num_scenarios + own
-        if self.feedback_weight is None:
-            return pair
-        if feedback is None:
-            raise ValueError("this gate was built with feedback_values > 0: pass each behaviour's feedback")
-        return pair * self.feedback_values + feedback
-
-    def _recency(self, served: torch.Tensor, age: torch.Tensor | None) -> torch.Tensor | float:
-        """r_s[k(age)] of each behaviour (0 without the recency term)."""
-        if self.recency_weight is None:
-            return 0.0
-        if age is None:
-            raise ValueError("this gate was built with recency: pass each behaviour's age")
-        return self.recency_weight.reshape(-1)[served * RECENCY_BUCKETS + age_bucket(age)]
+    def _context(
+        self, served: torch.Tensor, own: torch.Tensor, feedback: torch.Tensor | None, age: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Entry of `_context_logits` for each behaviour: (served, own scenario, feedback, age bucket) flattened."""
+        index = served * self.num_scenarios + own
+        if self.feedback_weight is not None:
+            if feedback is None:
+                raise ValueError("this gate was built with feedback_values > 0: pass each behaviour's feedback")
+            index = index * self.feedback_values + feedback
+        if self.recency_weight is not None:
+            if age is None:
+                raise ValueError("this gate was built with recency: pass each behaviour's age")
+            index = index * RECENCY_BUCKETS + age_bucket(age)
+        return index
 
     def forward(
         self,
@@ -110,10 +111,10 @@ class ScenarioGate(nn.Module):
         feedback: torch.Tensor | None = None,  # [C, L] int, each behaviour's encoded feedback (padding: any valid id)
         age: torch.Tensor | None = None,  # [C, L] int, each behaviour's age (age_padded)
     ) -> torch.Tensor:  # [C, L] g_j in (0, 2)
-        pair = self._pair(scenario[:, None], behaviour_scenario, feedback)  # [C, L]
+        context = self._context(scenario[:, None].expand_as(behaviour_scenario), behaviour_scenario, feedback, age)
         content = torch.bmm(behaviours, self.behaviour_weight.index_select(0, scenario)[:, :, None]).squeeze(2)
-        logit = self._pair_logits(scenario_table)[pair] + content + self._recency(scenario[:, None], age)
-        return 2.0 * torch.sigmoid(logit)
+        terms = self._context_logits(scenario_table).index_select(0, context.reshape(-1)).view_as(content)  # [C, L]
+        return 2.0 * torch.sigmoid(terms + content)
 
     def values_packed(
         self,
@@ -124,6 +125,8 @@ class ScenarioGate(nn.Module):
         feedback: torch.Tensor | None = None,  # [N] int
         age: torch.Tensor | None = None,  # [N] int, each behaviour's age (age_packed)
     ) -> torch.Tensor:  # [N] g_j in (0, 2)
-        content = (behaviours * self.behaviour_weight.index_select(0, served)).sum(dim=1)  # [N]
-        pair = self._pair(served, behaviour_scenario, feedback)
-        return 2.0 * torch.sigmoid(self._pair_logits(scenario_table)[pair] + content + self._recency(served, age))
+        # w_s·b_j for every s as one [N, D] × [D, S] product, then the served one: no [N, D] gather of w_s, and its
+        # backward no scatter of [N, D] rows into S rows
+        content = torch.mm(behaviours, self.behaviour_weight.t()).gather(1, served[:, None]).squeeze(1)  # [N]
+        context = self._context(served, behaviour_scenario, feedback, age)
+        return 2.0 * torch.sigmoid(self._context_logits(scenario_table).index_select(0, context) + content)

@@ -156,9 +156,12 @@ class TargetAttention(nn.Module):
         batch, dim = target.shape
         per_example = self._per_example(target, scenario_emb)  # [B, H]
         w_b, _, w_p, w_d, _ = self._blocks(dim)
-        paired = torch.cat([behaviours, behaviours * target.index_select(0, example)], dim=1)  # [N, 2D]: [b, b⊙t]
-        hidden = torch.mm(paired, torch.cat([w_b + w_d, w_p], dim=1).t())  # [N, H]
-        hidden = self.first_activation(hidden.add_(per_example.index_select(0, example)))  # fresh: in place is safe
+        # two products into one [N, H]: addmm starts from each behaviour's per-example term, the second adds in place
+        # (no [N, 2D] concatenation of [b, b⊙t], no separate pass to add the per-example term)
+        hidden = torch.addmm(per_example.index_select(0, example), behaviours, (w_b + w_d).t())  # [N, H]
+        paired = (behaviours * target.index_select(0, example)).to(hidden.dtype)  # [N, D] b⊙t; autocast: bf16 as hidden
+        hidden = hidden.addmm_(paired, w_p.t().to(hidden.dtype))  # fresh: in place is safe
+        hidden = self.first_activation(hidden)
         scores = self.rest(hidden).squeeze(1).to(behaviours.dtype)  # [N]
         return segment_softmax(scores, example, batch) if self.pooling == "softmax" else scores
 
