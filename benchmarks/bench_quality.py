@@ -48,7 +48,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
@@ -60,7 +60,11 @@ from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.metrics import SliceMetrics, SplitMetrics
 from msit_rec.provenance import host_facts
-from msit_rec.report import slices
+from msit_rec.report import OVERALL, slices
+
+if TYPE_CHECKING:
+    from msit_rec.fit_config import FitConfig
+    from msit_rec.run_dir import FitResult
 
 VARIANTS = ("shared", "din", "din_sid", "star", "pepnet", "msit")
 CANDIDATE = "msit"
@@ -168,8 +172,11 @@ def smallest_scenario(meta: DatasetMeta) -> str:
 # ---- training and evaluation -----------------------------------------------------------------------------------
 
 
-def fit_variant(data: Path, variant: str, seed: int, budget: Budget, run_dir: Path) -> float | None:
-    """Train one variant with the shared budget into `run_dir` (replaced); returns its best validation AUC."""
+def fit_variant(
+    data: Path, variant: str, seed: int, budget: Budget, run_dir: Path, reuse: bool = False
+) -> tuple[float | None, bool]:
+    """Train one variant with the shared budget into `run_dir` (replaced); returns its best validation AUC and
+    whether an earlier fit was reused instead (`reuse`: a finished run there with this very config and dataset)."""
     from msit_rec.fit_config import FitConfig
     from msit_rec.train.fit import fit
 
@@ -178,9 +185,26 @@ def fit_variant(data: Path, variant: str, seed: int, budget: Budget, run_dir: Pa
         "trainer": read_yaml(REPO / "configs/trainer/cpu.yaml")["trainer"],
     }
     config = from_dict(FitConfig, apply_overrides(sections, budget.overrides(variant, seed)), "fit")
+    if reuse:
+        earlier = finished_fit(run_dir, config, DatasetMeta.load(data).content_hash)
+        if earlier is not None:
+            return earlier.best_val_auc, True
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    return fit(config, data, run_dir).best_val_auc
+    return fit(config, data, run_dir).best_val_auc, False
+
+
+def finished_fit(run_dir: Path, config: FitConfig, dataset_hash: str) -> FitResult | None:
+    """The FitResult of a finished run in `run_dir` trained with `config`'s model and trainer on `dataset_hash`;
+    None otherwise (absent, unfinished, or trained differently)."""
+    from msit_rec.run_dir import read_fit_result, read_run
+
+    result = read_fit_result(run_dir) if run_dir.is_dir() else None
+    if result is None:
+        return None
+    record = read_run(run_dir).record
+    same = (record.model, record.trainer, record.dataset_hash) == (config.model, config.trainer, dataset_hash)
+    return result if same else None
 
 
 def evaluate_seed(data: Path, run_dirs: list[Path], out_dir: Path) -> tuple[dict[str, SplitMetrics], dict]:
@@ -230,6 +254,43 @@ def claims_section(claims: dict[str, dict[str, dict[str, Any]]]) -> str:
             c = claims[v][slice_name]
             mean = "n/a" if c["mean_difference"] is None else f"{c['mean_difference']:+.4f}"
             cells.append(f"{mean} ({c['msit_ahead']}/{c['msit_behind']} of {c['seeds']})")
+        lines.append(f"| {slice_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
+def pooled_claims(runs: Path, seeds: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant → slice → the mean over seeds of its AUC difference to msit (variant − msit) with the interval of
+    `compare.paired_bootstrap_over_seeds`: seeds and test rows resampled together, so the claim holds both noises."""
+    from msit_rec.compare import collect_models, load_paired_scores, paired_bootstrap_over_seeds
+    from msit_rec.config import to_dict
+
+    scores_by_seed = []
+    for seed in range(seeds):
+        models, files = collect_models([runs / f"seed{seed}" / "evaluation"])
+        label, scenario, scores = load_paired_scores(models, files)
+        scores_by_seed.append(scores)
+    scenario_names = next(iter(models.values())).scenarios
+    differences = paired_bootstrap_over_seeds(label, scenario, scores_by_seed, scenario_names,
+                                              resamples=BOOTSTRAP_RESAMPLES)
+    return to_dict(differences)
+
+
+def pooled_section(claims: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
+    """Markdown: per slice and variant, mean Δ AUC (variant − msit) over seeds with its two-level interval."""
+    variants = list(claims)
+    title = (f"### Pooled over the {seeds} seeds against `msit` (mean Δ AUC = variant − msit [95 % interval, seeds "
+             "and test rows resampled together]; ▲ msit ahead beyond it, ▼ behind beyond it)")
+    lines = [title, "",
+             "| slice | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for slice_name in claims[variants[0]]:
+        cells = []
+        for v in variants:
+            c = claims[v][slice_name]
+            if c["difference"] is None:
+                cells.append("n/a")
+                continue
+            mark = " ▲" if c["ci_high"] < 0 else " ▼" if c["ci_low"] > 0 else ""
+            cells.append(f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]{mark}")
         lines.append(f"| {slice_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
 
@@ -318,23 +379,46 @@ def dataset_section(name: str, result: dict[str, Any]) -> str:
             label = f"{slice_name} (smallest)" if slice_name == result["smallest_scenario"] else slice_name
             lines.append("| " + " | ".join([label, f"{rows:,}", f"{clicks:,}", *cells]) + " |")
         lines.append("")
-    lines += [claims_section(result["paired_claims"]), result["verdict_text"], ""]
+    lines += [claims_section(result["paired_claims"]), pooled_section(result["pooled_claims"], result["seeds"]),
+              result["verdict_text"], ""]
     return "\n".join(lines)
 
 
-def verdict(name: str, summary: dict, scenarios: list[str], smallest: str) -> tuple[dict[str, Any], str]:
-    """(a): msit best on every scenario; (b): msit best on the smallest scenario. By mean test AUC."""
-    targets = scenarios if name == "transfer" else [smallest]
-    checks = [candidate_margin(summary, s) for s in targets]
-    passed = all(c["msit_best"] for c in checks)
-    goal = "every scenario" if name == "transfer" else f"the smallest scenario ({smallest})"
-    details = "; ".join(
-        f"{c['scenario']}: msit {c['msit_auc']:.4f} vs {c['best_other']} {c['best_other_auc']:.4f} "
-        f"({c['margin']:+.4f})" if c["margin"] is not None else f"{c['scenario']}: undefined"
-        for c in checks
+def verdict(
+    name: str, summary: dict, pooled: dict, scenarios: list[str], smallest: str
+) -> tuple[dict[str, Any], str]:
+    """(a) `transfer`: msit has the best mean test AUC on every scenario. (b) MovieLens: on every scenario no variant
+    is ahead of msit beyond the pooled interval, and msit's mean is not below `shared`'s; overall msit is ahead of
+    the best other variant (by mean) beyond the pooled interval."""
+    if name == "transfer":
+        checks = [candidate_margin(summary, s) for s in scenarios]
+        passed = all(c["msit_best"] for c in checks)
+        details = "; ".join(
+            f"{c['scenario']}: msit {c['msit_auc']:.4f} vs {c['best_other']} {c['best_other_auc']:.4f} "
+            f"({c['margin']:+.4f})" if c["margin"] is not None else f"{c['scenario']}: undefined"
+            for c in checks
+        )
+        text = f"**Goal: `msit` has the best mean test AUC on every scenario — {'MET' if passed else 'NOT MET'}.** "
+        return {"goal": "every scenario", "met": passed, "checks": checks}, text + details + "."
+    behind = sorted({f"{s} ({v})" for v, by_slice in pooled.items() for s in scenarios
+                     if by_slice[s]["ci_low"] is not None and by_slice[s]["ci_low"] > 0})
+    below_shared = [s for s in scenarios if (candidate_margin(summary, s)["msit_auc"] or 0.0)
+                    < (summary["shared"][s]["auc"]["mean"] or 0.0)]
+    overall = candidate_margin(summary, OVERALL)
+    runner_up = pooled[overall["best_other"]][OVERALL]
+    ahead = runner_up["ci_high"] is not None and runner_up["ci_high"] < 0
+    passed = not behind and not below_shared and ahead
+    text = (
+        f"**Goal: `msit` ties or beats every variant on every scenario, is never below `shared`, and beats the best "
+        f"other variant overall beyond the pooled 95 % interval — {'MET' if passed else 'NOT MET'}.** Overall: msit "
+        f"{overall['msit_auc']:.4f} vs {overall['best_other']} {overall['best_other_auc']:.4f} (Δ "
+        f"{-runner_up['difference']:+.4f}, interval of variant − msit [{runner_up['ci_low']:+.4f}, "
+        f"{runner_up['ci_high']:+.4f}]); behind beyond the interval: {', '.join(behind) or 'nowhere'}; below shared: "
+        f"{', '.join(below_shared) or 'nowhere'}."
     )
-    text = f"**Goal: `msit` has the best mean test AUC on {goal} — {'MET' if passed else 'NOT MET'}.** {details}."
-    return {"goal": goal, "met": passed, "checks": checks}, text
+    goal = "ties every scenario, above shared, wins overall beyond the pooled interval"
+    return {"goal": goal, "met": passed, "behind": behind, "below_shared": below_shared,
+            "overall": overall | {"pooled": runner_up}}, text
 
 
 def plot_auc(results: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -379,25 +463,28 @@ def minutes(seconds: float) -> str:
 
 
 def run_dataset(
-    name: str, data: Path, budget: Budget, out: Path, progress: dict[str, float]
+    name: str, data: Path, budget: Budget, out: Path, progress: dict[str, float], reuse: bool = False
 ) -> dict[str, Any]:
     meta = DatasetMeta.load(data)
     per_seed: list[dict[str, SplitMetrics]] = []
     differences: list[dict] = []
     fit_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     val_auc: dict[str, list[float | None]] = {v: [] for v in VARIANTS}
+    reused = 0
     for seed in range(budget.seeds):
         seed_dir = out / "runs" / name / f"seed{seed}"
         for variant in VARIANTS:
             start = time.perf_counter()
-            val_auc[variant].append(fit_variant(data, variant, seed, budget, seed_dir / variant))
+            best, was_reused = fit_variant(data, variant, seed, budget, seed_dir / variant, reuse)
+            val_auc[variant].append(best)
+            reused += was_reused
             elapsed = time.perf_counter() - start
             fit_seconds[variant].append(elapsed)
             progress["done"] += 1
             progress["fit_s"] += elapsed
             eta = progress["fit_s"] / progress["done"] * (progress["total"] - progress["done"])
             shown = val_auc[variant][-1]
-            print(f"[{name}] seed {seed} {variant:<8} fit {elapsed:6.1f} s, best valid AUC "
+            print(f"[{name}] seed {seed} {variant:<8} {'reused' if was_reused else 'fit'} {elapsed:6.1f} s, best valid AUC "
                   f"{'n/a' if shown is None else f'{shown:.4f}'}  ({progress['done']:.0f}/{progress['total']:.0f} "
                   f"fits, ETA ≈ {minutes(eta)} at this dataset's pace)", flush=True)
         start = time.perf_counter()
@@ -422,8 +509,11 @@ def run_dataset(
         "best_valid_auc": val_auc,
         "fit_seconds": fit_seconds,
         "paired_claims": paired_claims(differences),
+        "pooled_claims": pooled_claims(out / "runs" / name, budget.seeds),
+        "reused_fits": reused,
     }
-    result["verdict"], result["verdict_text"] = verdict(name, summary, meta.scenarios, smallest)
+    result["verdict"], result["verdict_text"] = verdict(name, summary, result["pooled_claims"], meta.scenarios,
+                                                        smallest)
     return result
 
 
@@ -435,6 +525,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="training epochs per fit (default: 3; --quick: 1)")
     known = ["transfer", *MOVIELENS_CONFIGS]
     parser.add_argument("--datasets", default=",".join(known), help=f"comma-separated: {', '.join(known)}")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the finished runs already in --out that had this very config and dataset (an "
+                             "interrupted benchmark goes on where it stopped); the others are trained")
     args = parser.parse_args(argv)
     unknown = set(args.datasets.split(",")) - set(known)
     if unknown:
@@ -502,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name, (data, description) in datasets.items():
         progress = {"done": 0.0, "total": float(budget.seeds * len(VARIANTS)), "fit_s": 0.0}
-        results[name] = {"description": description, **run_dataset(name, data, budget, out, progress)}
+        results[name] = {"description": description, **run_dataset(name, data, budget, out, progress, args.reuse)}
         print(f"[{name}] {results[name]['verdict_text']}", flush=True)
 
     elapsed = time.perf_counter() - started

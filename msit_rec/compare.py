@@ -103,6 +103,13 @@ class StratifiedResampler:
         return torch.bincount((picked + line).reshape(-1), minlength=resamples * n).reshape(resamples, n)
 
 
+def check_bootstrap(resamples: int, level: float) -> None:
+    if resamples < 1:
+        raise ConfigError(f"resamples must be >= 1, got {resamples}")
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
+
+
 def paired_bootstrap(
     label: torch.Tensor,
     scenario: torch.Tensor,
@@ -118,14 +125,10 @@ def paired_bootstrap(
 
     All tensors are [N] over the same rows; `scenario` in [0, len(scenario_names)).
     """
-    if resamples < 1:
-        raise ConfigError(f"resamples must be >= 1, got {resamples}")
-    if not 0 < level < 1:
-        raise ConfigError(f"level must be in (0, 1), got {level}")
+    check_bootstrap(resamples, level)
     names = list(scores)
     num = len(scenario_names)
     n = label.shape[0]
-    device = label.device
     strata = scenario.to(torch.int64)
     rankings = {name: _Rankings(score, label, strata, num) for name, score in scores.items()}
     points = {name: r.aucs()[0] for name, r in rankings.items()}  # [S + 1] on every row once
@@ -140,16 +143,30 @@ def paired_bootstrap(
             for name in names[1:]:
                 differences[name].append(rankings[name].aucs(weights) - reference)
             bar.update(r)
+    return with_intervals(
+        points[names[0]], {name: points[name] for name in names[1:]},
+        {name: torch.cat(differences[name]) for name in names[1:]}, scenario_names, level,
+    )
+
+
+def with_intervals(
+    reference: torch.Tensor,  # [S + 1] the reference's AUC per scenario then overall
+    models: dict[str, torch.Tensor],  # model → [S + 1] its AUCs
+    resampled: dict[str, torch.Tensor],  # model → [R, S + 1] resampled differences to the reference (NaN: undefined)
+    scenario_names: list[str],
+    level: float,
+) -> dict[str, dict[str, AucDifference]]:
+    """Each model's difference to the reference per slice, with the central `level` interval of its resamples."""
     low_q, high_q = (1 - level) / 2, 1 - (1 - level) / 2
+    quantiles = torch.tensor([low_q, high_q], dtype=torch.float64, device=reference.device)
     slices = [*scenario_names, OVERALL]
     result: dict[str, dict[str, AucDifference]] = {}
-    for name in names[1:]:
-        resampled = torch.cat(differences[name])  # [R, S + 1]
-        valid = (~torch.isnan(resampled)).sum(0)  # [S + 1]
-        bounds = torch.nanquantile(resampled, torch.tensor([low_q, high_q], dtype=torch.float64, device=device), dim=0)
+    for name, mine_all in models.items():
+        valid = (~torch.isnan(resampled[name])).sum(0)  # [S + 1]
+        bounds = torch.nanquantile(resampled[name], quantiles, dim=0)
         result[name] = {}
         for k, slice_name in enumerate(slices):
-            ref, mine = optional_float(points[names[0]][k]), optional_float(points[name][k])
+            ref, mine = optional_float(reference[k]), optional_float(mine_all[k])
             defined = ref is not None and mine is not None and int(valid[k]) > 0
             result[name][slice_name] = AucDifference(
                 reference_auc=ref,
@@ -160,6 +177,50 @@ def paired_bootstrap(
                 valid_resamples=int(valid[k]),
             )
     return result
+
+
+def paired_bootstrap_over_seeds(
+    label: torch.Tensor,
+    scenario: torch.Tensor,
+    scores_by_seed: list[dict[str, torch.Tensor]],
+    scenario_names: list[str],
+    resamples: int = defaults.COMPARE_RESAMPLES,
+    level: float = defaults.CONFIDENCE_LEVEL,
+    seed: int = defaults.BOOTSTRAP_SEED,
+    chunk_elements: int = 1 << 22,
+) -> dict[str, dict[str, AucDifference]]:
+    """The mean over training seeds of every model's AUC difference to the first, with an interval that holds both
+    sources of noise: each resample draws the seeds with replacement and, as `paired_bootstrap` does, the test rows
+    (within every scenario; the same rows for every seed and model). A per-seed interval misses the seed-to-seed
+    spread of small data (±0.005 AUC); the seed mean alone misses the test rows' sampling.
+
+    `scores_by_seed[k]` maps model → scores [N] of seed k's runs, over the same rows (`label`, `scenario`) for all.
+    """
+    check_bootstrap(resamples, level)
+    if not scores_by_seed:
+        raise ConfigError("paired_bootstrap_over_seeds needs the scores of at least one seed")
+    names = list(scores_by_seed[0])
+    num, n, seeds = len(scenario_names), label.shape[0], len(scores_by_seed)
+    strata = scenario.to(torch.int64)
+    rankings = [{name: _Rankings(scores[name], label, strata, num) for name in names} for scores in scores_by_seed]
+    points = {name: torch.stack([r[name].aucs()[0] for r in rankings]).mean(0) for name in names}  # [S + 1]
+    resampler = StratifiedResampler(strata, num, seed)
+    chunk = max(1, chunk_elements // max(n, 1))
+    differences: dict[str, list[torch.Tensor]] = {name: [] for name in names[1:]}
+    for first in range(0, resamples, chunk):
+        r = min(chunk, resamples - first)
+        weights = resampler.draw(r)  # [r, N]
+        drawn = torch.randint(0, seeds, (r, seeds), generator=resampler.generator, device=label.device)  # [r, K]
+        counts = torch.zeros(r, seeds, dtype=torch.float64, device=label.device).scatter_add_(
+            1, drawn, torch.ones(r, seeds, dtype=torch.float64, device=label.device))  # [r, K] times each seed drawn
+        reference = [ranks[names[0]].aucs(weights) for ranks in rankings]  # K × [r, S + 1]
+        for name in names[1:]:
+            per_seed = torch.stack([ranks[name].aucs(weights) - ref for ranks, ref in zip(rankings, reference)], 1)
+            differences[name].append((per_seed * counts[:, :, None]).sum(1) / seeds)  # [r, S + 1]; NaN stays NaN
+    return with_intervals(
+        points[names[0]], {name: points[name] for name in names[1:]},
+        {name: torch.cat(differences[name]) for name in names[1:]}, scenario_names, level,
+    )
 
 
 def collect_models(inputs: list[str | Path]) -> tuple[dict[str, ModelMetrics], dict[str, Path | None]]:

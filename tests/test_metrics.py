@@ -11,7 +11,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import log_loss, roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
 
-from msit_rec.compare import StratifiedResampler, paired_bootstrap
+from msit_rec.compare import StratifiedResampler, paired_bootstrap, paired_bootstrap_over_seeds
 from msit_rec.config import to_dict
 from msit_rec.errors import DataError
 from msit_rec.metrics import ScoredRows, auc, compute_metrics, gauc, rank_rows, ranked_auc
@@ -238,6 +238,55 @@ def rank_auc(score: np.ndarray, label: np.ndarray) -> np.ndarray:
     positives = label.sum(axis=1)
     negatives = label.shape[1] - positives
     return ((ranks * label).sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def seeded_models(seeds: int, n: int = 400) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Per seed, a reference `a` and a model `b` whose edge over it changes sign from seed to seed (as small data
+    does), on the same rows."""
+    label, scenario, _ = two_models(n=n, seed=3)
+    rng = np.random.default_rng(4)
+    per_seed = []
+    edges = [0.5, -0.4, 0.3, -0.5, 0.1]
+    for k in range(seeds):
+        a = rng.random(n) + 0.6 * label.numpy()
+        b = rng.random(n) + (0.6 + edges[k]) * label.numpy()
+        per_seed.append({"a": torch.from_numpy(np.round(a, 3)), "b": torch.from_numpy(np.round(b, 3))})
+    return label, scenario, per_seed
+
+
+def test_seed_pooled_bootstrap_is_the_seed_mean_with_both_noises_in_its_interval() -> None:
+    """Against an independent two-level bootstrap (numpy: seeds with replacement, then rows within each scenario):
+    the point is the mean over seeds of scikit-learn's differences, and the intervals agree to Monte-Carlo error.
+    The seeds with the largest edges exclude 0 each on their own, both ways; pooled, the interval holds 0."""
+    label, scenario, per_seed = seeded_models(5)
+    pooled = paired_bootstrap_over_seeds(label, scenario, per_seed, ["x", "y"], resamples=2000, seed=0)["b"]
+    lab = label.numpy()
+    sk = [roc_auc_score(lab, s["b"].numpy()) - roc_auc_score(lab, s["a"].numpy()) for s in per_seed]
+    assert pooled["overall"].difference == pytest.approx(np.mean(sk), abs=1e-12)
+    for scores in (per_seed[0], per_seed[3]):
+        assert paired_bootstrap(label, scenario, scores, ["x", "y"], resamples=500)["b"]["overall"].excludes_zero
+    assert pooled["overall"].ci_low < 0 < pooled["overall"].ci_high
+    rng = np.random.default_rng(7)
+    blocks = [np.flatnonzero(scenario.numpy() == s) for s in (0, 1)]
+    rows = np.concatenate([rng.choice(block, size=(2000, len(block)), replace=True) for block in blocks], axis=1)
+    seeds = rng.integers(0, len(per_seed), size=(2000, len(per_seed)))
+    diffs = np.stack([rank_auc(s["b"].numpy()[rows], lab[rows]) - rank_auc(s["a"].numpy()[rows], lab[rows])
+                      for s in per_seed], axis=1)  # [R, K]
+    means = np.take_along_axis(diffs, seeds, axis=1).mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    width = high - low
+    assert pooled["overall"].ci_low == pytest.approx(low, abs=0.1 * width)
+    assert pooled["overall"].ci_high == pytest.approx(high, abs=0.1 * width)
+
+
+def test_seed_pooled_bootstrap_of_a_consistent_gain_excludes_zero() -> None:
+    label, scenario, scores = two_models()
+    per_seed = [scores, {name: s + 1.0 for name, s in scores.items()}]  # the same ranking each seed
+    pooled = paired_bootstrap_over_seeds(label, scenario, [{"w": s["weak"], "s": s["strong"]} for s in per_seed],
+                                         ["x", "y"], resamples=500)["s"]
+    single = paired_bootstrap(label, scenario, {"w": scores["weak"], "s": scores["strong"]}, ["x", "y"], 500)["s"]
+    assert all(pooled[k].excludes_zero and pooled[k].ci_low > 0 for k in pooled)
+    assert pooled["overall"].difference == pytest.approx(single["overall"].difference, abs=1e-12)
 
 
 def test_bootstrap_leaves_single_class_scenarios_undefined() -> None:
