@@ -18,7 +18,10 @@ checkpoint kept is the best on the validation split) and several seeds
 
 Claims use the paired bootstrap of `msit-rec compare` on the test split, per seed: for every other variant and
 slice, the difference to `msit` with its 95 % interval; the report counts the seeds where `msit` is ahead beyond
-the interval and where it is behind beyond it.
+the interval and where it is behind beyond it. Pooled over the seeds (`compare.paired_bootstrap_over_seeds`): the
+mean difference over seeds with an interval from resampling the seeds and the test rows together — the claim the
+MovieLens verdict rests on (msit not behind any variant on any scenario beyond it, never below `shared`, and ahead
+of the best other variant overall beyond it).
 
 Each fit runs in this process on one device (`msit_rec.train.fit.fit`, devices=1); each seed's six runs are then
 scored on the test split in-process (`msit_rec.evaluate.evaluate_runs`: exact per-scenario AUC, GAUC, logloss),
@@ -29,8 +32,10 @@ of (b)), quality.json (every number, per seed too), quality_auc.png (mean test A
 error bars = std over seeds).
 
     python benchmarks/bench_quality.py [--quick] [--out benchmarks/results/quality] [--seeds N] [--epochs N]
-                                       [--datasets transfer,movielens,movielens_shelves,movielens_sessions]
+                                       [--datasets transfer,movielens,movielens_shelves,movielens_sessions] [--reuse]
 
+`--reuse`: keep the finished runs already in OUT that were trained with the very same config on the same data
+(an interrupted run goes on where it stopped; the evaluations and claims are always recomputed).
 `--quick`: 1 seed, 1 epoch of 60 batches, a smaller generated world: a smoke test of a few minutes on 2 cores. The expected
 runtime is printed before training starts (quick mode also extrapolates the full run from its measured speed).
 """
