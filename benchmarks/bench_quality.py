@@ -522,6 +522,12 @@ def run_dataset(
     return result
 
 
+def reused_text(results: dict[str, dict[str, Any]]) -> str:
+    """What the runtime leaves out under --reuse."""
+    reused = sum(r["reused_fits"] for r in results.values())
+    return f", {reused} fit(s) reused from an earlier run (their training time not included)" if reused else ""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 epoch of 60 batches, a smaller world")
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"Budget per fit: tower {list(budget.tower)}, at most {budget.epochs} epoch(s) validated "
          f"{budget.validations_per_epoch}× each, early stop after {budget.patience} validations without gain, batch "
          f"{budget.batch_size}, dense lr {budget.dense_lr}, checkpoint = best validation AUC; {budget.seeds} seed(s). "
-         f"Bold: best mean. Runtime {minutes(elapsed)}."), "",
+         f"Bold: best mean. Runtime {minutes(elapsed)}{reused_text(results)}."), "",
         *(f"Dataset `{d}` skipped: {MOVIELENS_DIR} is absent." for d in skipped),
         *(dataset_section(name, result) for name, result in results.items()),
         f"![mean test AUC per scenario]({plot.name})", "",
