@@ -32,6 +32,12 @@ class BehaviourDetails:
     attention: torch.Tensor  # [N] α_j·g_j, each behaviour's weight in its row's interest (α = 1 under sum pooling)
 
 
+def added_since_older_checkpoints(key: str) -> bool:
+    """Whether a state key (of the model, with any prefix) names a tensor that older checkpoints lack, and whose zero
+    value gives the function they were trained as (the gate's recency term)."""
+    return key.endswith("." + RECENCY_KEY)
+
+
 class RankingModel(nn.Module):
     """CTR logit [B] of every example of a batch, for the scenario it is served in (shapes: msit_rec/modules)."""
 
@@ -60,7 +66,7 @@ class RankingModel(nn.Module):
         """The tensors of this model that `saved` (a checkpoint's keys) lacks because they were added since, at the
         value under which the model computes what it computed before them: the gate's recency term r = 0."""
         return {key: torch.zeros_like(value) for key, value in self.state_dict().items()
-                if key.endswith("." + RECENCY_KEY) and key not in saved}
+                if added_since_older_checkpoints(key) and key not in saved}
 
     def forward(self, batch: Batch) -> torch.Tensor:  # [B] logits
         return self.details(batch, keep=False).logits

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -30,8 +31,9 @@ from msit_rec.data.batch import Batch
 from msit_rec.data.loader import ExamplesDataset, make_loader
 from msit_rec.data.spec import FIRST_VOCAB_INDEX, OOV_INDEX, DatasetMeta
 from msit_rec.errors import DataError
+from msit_rec.modules.scenario_gate import RECENCY_KEY
 from msit_rec.run_dir import load_model, read_fit_result, read_run, resolve_checkpoint
-from msit_rec.train.checkpoint import load_unsharded_checkpoint
+from msit_rec.train.checkpoint import load_trainer_state, load_unsharded_checkpoint, save_sharded
 from pipelines.config import DatasetConfig
 from pipelines.prepare import prepare
 from pipelines.synthetic import generate
@@ -395,3 +397,43 @@ def test_row_wise_state_follows_the_column_shards() -> None:
     full, known = _grown(weights, (5, 2), 3, 5)
     assert torch.equal(full[:3], weights) and known.tolist() == [True, True, True, False, False]
     assert _grown(weights, (5, 3), 3, 5) is None  # another embedding dim: no mapping
+
+
+def without_recency(tree: Any) -> Any:
+    """A checkpoint tree as written before the gate's recency term: every entry named after it removed."""
+    if isinstance(tree, dict):
+        return {k: without_recency(v) for k, v in tree.items() if RECENCY_KEY not in str(k)}
+    if isinstance(tree, list):
+        return [without_recency(v) for v in tree]
+    return tree
+
+
+@pytest.mark.slow
+def test_a_parent_from_before_the_recency_term_scores_and_warm_starts_with_r_zero(days, runs, tmp_path) -> None:
+    """A checkpoint without the gate's recency weights (as every run before it was) is evaluated as the model it
+    was, r = 0, and `--init-from` it starts there: every other tensor copied, r fresh at 0."""
+    parent = runs["run1"] / "checkpoints/best.ckpt"
+    older = tmp_path / "older.ckpt"
+    tree = load_unsharded_checkpoint(parent)
+    save_sharded(without_recency(tree), load_trainer_state(parent), older, True, lambda _: None, lambda ok: ok)
+    assert not any(RECENCY_KEY in key for key in flat_tensors(load_unsharded_checkpoint(older)))
+
+    trained = read_run(runs["run1"])
+    meta1 = DatasetMeta.load(days["ex1"])
+    as_older = load_model(trained, older, meta1, torch.device("cpu"))
+    reference = load_model(trained, parent, meta1, torch.device("cpu"))
+    with torch.no_grad():
+        reference.head.gate.recency_weight.zero_()  # what a gate without the term computed
+        batch = next(iter(make_loader(ExamplesDataset(days["ex1"], "test", 4096))))
+        assert torch.equal(as_older(batch), reference(batch))
+
+    record = tmp_path / "record"
+    with launch_env_restored(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit_module, "RankingModule", recorder(record, days["ex1"]))
+        assert main(fit_args(days["ex2"], tmp_path / "run", "--init-from", str(older))) == 0
+    start = flat_tensors(load_unsharded_checkpoint(record / START_CHECKPOINT))
+    parent_tensors = flat_tensors(tree)
+    gate = "/state_dict/model.head.gate."
+    assert not start[gate + RECENCY_KEY].any()
+    assert torch.equal(start[gate + "behaviour_weight"], parent_tensors[gate + "behaviour_weight"])
+    assert torch.equal(start[gate + "bias"], parent_tensors[gate + "bias"])

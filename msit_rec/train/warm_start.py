@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError, DataError
-from msit_rec.model import RankingModel
+from msit_rec.model import RankingModel, added_since_older_checkpoints
 from msit_rec.option_defaults import CHECKPOINT
 from msit_rec.run_dir import FIT_CONFIG_FILE, checkpoint_path
 from msit_rec.train.checkpoint import (
@@ -88,6 +88,8 @@ def check_warm_startable(init_from: Path, meta: DatasetMeta, data_dir: Path, mod
                         f"(missing {missing[:4]}, unexpected {unexpected[:4]}); warm-start with the parent's model "
                         f"config")
     for key, shape in expected.items():
+        if key not in saved:  # added since the parent was written: starts fresh (zero, the parent's function)
+            continue
         old, new = tuple(saved[key]), tuple(shape)
         if old == new:
             continue
@@ -182,7 +184,7 @@ def _targets(module: nn.Module, flat: dict[str, Any], saved: dict[str, TensorSto
     for key, value in flat.items():
         if not isinstance(value, (torch.Tensor, ShardedTensor)):
             continue
-        if key.startswith(MODEL_PREFIX) and key not in saved:
+        if key.startswith(MODEL_PREFIX) and key not in saved and not added_since_older_checkpoints(key):
             raise DataError(f"warm start: {key} is not in the checkpoint")  # check_warm_startable ran: a bug
         weight = key if key in weights else _weight_of(key, weights)
         if weight is None:
