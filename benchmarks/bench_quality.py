@@ -179,9 +179,10 @@ def smallest_scenario(meta: DatasetMeta) -> str:
 
 def fit_variant(
     data: Path, variant: str, seed: int, budget: Budget, run_dir: Path, reuse: bool = False
-) -> tuple[float | None, bool]:
-    """Train one variant with the shared budget into `run_dir` (replaced); returns its best validation AUC and
-    whether an earlier fit was reused instead (`reuse`: a finished run there with this very config and dataset)."""
+) -> tuple[float | None, float | None]:
+    """Train one variant with the shared budget into `run_dir` (replaced); returns its best validation AUC and, when
+    an earlier fit was reused instead (`reuse`: a finished run there of this config, data and code), the seconds
+    that fit took (else None)."""
     from msit_rec.fit_config import FitConfig
     from msit_rec.train.fit import fit
 
@@ -193,15 +194,17 @@ def fit_variant(
     if reuse:
         earlier = finished_fit(run_dir, config, DatasetMeta.load(data).content_hash)
         if earlier is not None:
-            return earlier.best_val_auc, True
+            return earlier.best_val_auc, earlier.wall_seconds or 0.0
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    return fit(config, data, run_dir).best_val_auc, False
+    return fit(config, data, run_dir).best_val_auc, None
 
 
 def finished_fit(run_dir: Path, config: FitConfig, dataset_hash: str) -> FitResult | None:
-    """The FitResult of a finished run in `run_dir` trained with `config`'s model and trainer on `dataset_hash`;
-    None otherwise (absent, unfinished, or trained differently)."""
+    """The FitResult of a finished run in `run_dir` trained with `config`'s model and trainer on `dataset_hash` by
+    this very code (the same clean git commit as the checkout now); None otherwise — absent, unfinished, trained
+    differently, by other code, or when the code cannot be told (no git, uncommitted changes)."""
+    from msit_rec.provenance import git_state
     from msit_rec.run_dir import read_fit_result, read_run
 
     result = read_fit_result(run_dir) if run_dir.is_dir() else None
@@ -209,7 +212,10 @@ def finished_fit(run_dir: Path, config: FitConfig, dataset_hash: str) -> FitResu
         return None
     record = read_run(run_dir).record
     same = (record.model, record.trainer, record.dataset_hash) == (config.model, config.trainer, dataset_hash)
-    return result if same else None
+    code = git_state()
+    same_code = (code is not None and not code.dirty and result.provenance is not None
+                 and result.provenance.git == code)
+    return result if same and same_code else None
 
 
 def evaluate_seed(data: Path, run_dirs: list[Path], out_dir: Path) -> tuple[dict[str, SplitMetrics], dict]:
@@ -266,13 +272,21 @@ def claims_section(claims: dict[str, dict[str, dict[str, Any]]]) -> str:
 def pooled_claims(runs: Path, seeds: int) -> dict[str, dict[str, dict[str, Any]]]:
     """variant → slice → the mean over seeds of its AUC difference to msit (variant − msit) with the interval of
     `compare.paired_bootstrap_over_seeds`: seeds and test rows resampled together, so the claim holds both noises."""
+    import torch
+
     from msit_rec.compare import collect_models, load_paired_scores, paired_bootstrap_over_seeds
     from msit_rec.config import to_dict
+    from msit_rec.errors import DataError
 
-    scores_by_seed = []
+    scores_by_seed, rows = [], None
     for seed in range(seeds):
-        models, files = collect_models([runs / f"seed{seed}" / "evaluation"])
+        evaluation = runs / f"seed{seed}" / "evaluation"
+        models, files = collect_models([evaluation])
         label, scenario, scores = load_paired_scores(models, files)
+        if rows is None:
+            rows = (label, scenario)
+        elif not (torch.equal(label, rows[0]) and torch.equal(scenario, rows[1])):
+            raise DataError(f"{evaluation}: its test rows differ from seed 0's, so the seeds cannot be paired")
         scores_by_seed.append(scores)
     scenario_names = next(iter(models.values())).scenarios
     differences = paired_bootstrap_over_seeds(label, scenario, scores_by_seed, scenario_names,
@@ -291,7 +305,7 @@ def pooled_section(claims: dict[str, dict[str, dict[str, Any]]], seeds: int) -> 
         cells = []
         for v in variants:
             c = claims[v][slice_name]
-            if c["difference"] is None:
+            if c["difference"] is None or c["ci_low"] is None:
                 cells.append("n/a")
                 continue
             mark = " ▲" if c["ci_high"] < 0 else " ▼" if c["ci_low"] > 0 else ""
@@ -410,15 +424,19 @@ def verdict(
     below_shared = [s for s in scenarios if (candidate_margin(summary, s)["msit_auc"] or 0.0)
                     < (summary["shared"][s]["auc"]["mean"] or 0.0)]
     overall = candidate_margin(summary, OVERALL)
-    runner_up = pooled[overall["best_other"]][OVERALL]
-    ahead = runner_up["ci_high"] is not None and runner_up["ci_high"] < 0
+    runner_up = pooled[overall["best_other"]][OVERALL] if overall["best_other"] is not None else None
+    defined = runner_up is not None and runner_up["difference"] is not None and runner_up["ci_high"] is not None
+    ahead = defined and runner_up["ci_high"] < 0
     passed = not behind and not below_shared and ahead
+    versus = (
+        f"msit {overall['msit_auc']:.4f} vs {overall['best_other']} {overall['best_other_auc']:.4f} (Δ "
+        f"{-runner_up['difference']:+.4f}, interval of variant − msit [{runner_up['ci_low']:+.4f}, "
+        f"{runner_up['ci_high']:+.4f}])" if defined else "undefined (an AUC or its interval is missing)"
+    )
     text = (
         f"**Goal: `msit` ties or beats every variant on every scenario, is never below `shared`, and beats the best "
-        f"other variant overall beyond the pooled 95 % interval — {'MET' if passed else 'NOT MET'}.** Overall: msit "
-        f"{overall['msit_auc']:.4f} vs {overall['best_other']} {overall['best_other_auc']:.4f} (Δ "
-        f"{-runner_up['difference']:+.4f}, interval of variant − msit [{runner_up['ci_low']:+.4f}, "
-        f"{runner_up['ci_high']:+.4f}]); behind beyond the interval: {', '.join(behind) or 'nowhere'}; below shared: "
+        f"other variant overall beyond the pooled 95 % interval — {'MET' if passed else 'NOT MET'}.** Overall: "
+        f"{versus}; behind beyond the interval: {', '.join(behind) or 'nowhere'}; below shared: "
         f"{', '.join(below_shared) or 'nowhere'}."
     )
     goal = "ties every scenario, above shared, wins overall beyond the pooled interval"
@@ -480,10 +498,11 @@ def run_dataset(
         seed_dir = out / "runs" / name / f"seed{seed}"
         for variant in VARIANTS:
             start = time.perf_counter()
-            best, was_reused = fit_variant(data, variant, seed, budget, seed_dir / variant, reuse)
+            best, reused_seconds = fit_variant(data, variant, seed, budget, seed_dir / variant, reuse)
             val_auc[variant].append(best)
+            was_reused = reused_seconds is not None
             reused += was_reused
-            elapsed = time.perf_counter() - start
+            elapsed = reused_seconds if was_reused else time.perf_counter() - start  # the fit's own time either way
             fit_seconds[variant].append(elapsed)
             progress["done"] += 1
             progress["fit_s"] += elapsed

@@ -192,7 +192,8 @@ def paired_bootstrap_over_seeds(
     """The mean over training seeds of every model's AUC difference to the first, with an interval that holds both
     sources of noise: each resample draws the seeds with replacement and, as `paired_bootstrap` does, the test rows
     (within every scenario; the same rows for every seed and model). A per-seed interval misses the seed-to-seed
-    spread of small data (±0.005 AUC); the seed mean alone misses the test rows' sampling.
+    spread of small data (±0.005 AUC); the seed mean alone misses the test rows' sampling. With few seeds the
+    interval is somewhat narrow: resampling K seeds shrinks their spread by (K − 1)/K.
 
     `scores_by_seed[k]` maps model → scores [N] of seed k's runs, over the same rows (`label`, `scenario`) for all.
     """
@@ -200,6 +201,9 @@ def paired_bootstrap_over_seeds(
     if not scores_by_seed:
         raise ConfigError("paired_bootstrap_over_seeds needs the scores of at least one seed")
     names = list(scores_by_seed[0])
+    if any(list(scores) != names for scores in scores_by_seed):
+        raise ConfigError(f"paired_bootstrap_over_seeds: every seed needs the same models {names}, got "
+                          f"{[list(scores) for scores in scores_by_seed]}")
     num, n, seeds = len(scenario_names), label.shape[0], len(scores_by_seed)
     strata = scenario.to(torch.int64)
     rankings = [{name: _Rankings(scores[name], label, strata, num) for name in names} for scores in scores_by_seed]

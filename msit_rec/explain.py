@@ -8,10 +8,13 @@ worth to s; its interval is msit_rec.compare's paired bootstrap (each resample d
 ranked on that same draw). This is exact re-scoring, not a gradient or an attention weight, so it holds for every
 variant (`shared` sums its behaviours) and measures what the model *uses*. Only the rows that lose a behaviour are
 scored again: a row without a behaviour from t keeps its logit exactly (tested), and mean |Δ logit| over s's rows
-counts it as 0.
+counts it as 0. The behaviours that stay move up in recency when newer ones from t are removed (msit's gate weighs
+them by age): the drop is what the row scores with the shorter history, as serving it would.
 
-Gate and attention, from the original pass (variants that have them): per (s, t), the mean gate value (transfer weight g) of
-the behaviours from t in rows served in s, and their share of those rows' attention mass Σ|α|. Per served scenario and
+Gate and attention, from the original pass (variants that have them): per (s, t), the mean gate value (transfer weight
+g) of the behaviours from t in rows served in s, and their share of those rows' attention mass Σ|α|; per s and age
+bucket of the behaviour (0 = most recent, 1–2, 3–6, ...), the mean g (`gate_by_age`: how far back each served
+scenario lets interest reach). Per served scenario and
 sequence feature (items, categories...), the behaviours with the largest mean α among those seen at least
 MIN_OCCURRENCES times, decoded to raw ids through the dataset's vocabularies.
 
@@ -348,10 +351,12 @@ def gate_means(totals: BehaviourTotals, scenarios: list[str]) -> dict[str, dict[
     return _matrix(totals.gate / totals.count, scenarios)
 
 
-def age_label(bucket: int) -> str:
-    """The ages (0 = the most recent behaviour) that scenario_gate.age_bucket puts in `bucket`."""
-    low, high = 2**bucket - 1, 2 ** (bucket + 1) - 2
-    return f"≥ {low}" if bucket == RECENCY_BUCKETS - 1 else str(low) if low == high else f"{low}–{high}"
+def age_label(bucket: int, max_len: int) -> str:
+    """The ages (0 = the most recent behaviour) that scenario_gate.age_bucket puts in `bucket`, of those a history of
+    at most `max_len` behaviours has."""
+    low = 2**bucket - 1
+    high = max_len - 1 if bucket == RECENCY_BUCKETS - 1 else min(2 ** (bucket + 1) - 2, max_len - 1)
+    return str(low) if low == high else f"{low}–{high}"
 
 
 def gate_by_age(totals: BehaviourTotals, scenarios: list[str], max_len: int) -> dict[str, dict[str, float | None]]:
@@ -359,7 +364,8 @@ def gate_by_age(totals: BehaviourTotals, scenarios: list[str], max_len: int) -> 
     served in s: how far back each served scenario lets the user's interest reach (None: no such behaviour)."""
     buckets = int(age_bucket(torch.tensor(max(max_len, 1) - 1))) + 1
     means = (totals.age_gate / totals.age_count).reshape(len(scenarios), RECENCY_BUCKETS)
-    return {s: {age_label(k): optional_float(means[i, k]) for k in range(buckets)} for i, s in enumerate(scenarios)}
+    return {s: {age_label(k, max_len): optional_float(means[i, k]) for k in range(buckets)}
+            for i, s in enumerate(scenarios)}
 
 
 def attention_shares(totals: BehaviourTotals, scenarios: list[str]) -> dict[str, dict[str, float | None]]:

@@ -111,7 +111,8 @@ def test_behaviour_totals_give_gate_means_attention_shares_and_top_values() -> N
     assert gate_by_age(totals, scenarios, max_len=7) == {"a": {"0": 0.5, "1–2": 0.5, "3–6": None},
                                                          "b": {"0": 1.0, "1–2": None, "3–6": None}}
     assert list(gate_by_age(totals, scenarios, max_len=200)["a"]) == [
-        "0", "1–2", "3–6", "7–14", "15–30", "31–62", "63–126", "≥ 127"]
+        "0", "1–2", "3–6", "7–14", "15–30", "31–62", "63–126", "127–199"]
+    assert list(gate_by_age(totals, scenarios, max_len=50)["a"])[-1] == "31–49"  # the oldest age a history has
     assert attention_shares(totals, scenarios) == {"a": {"a": 0.5, "b": 0.5}, "b": {"a": 0.0, "b": 1.0}}  # Σ|α|
     top = top_behaviours(totals, scenarios, top=5, min_occurrences=2)
     assert [(b.index, b.count, b.mean_attention, b.sources) for b in top["a"]["hist_item"]] == [

@@ -486,3 +486,15 @@ def test_packed_attention_trains_under_bf16_autocast():
     torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
                for p in att.parameters())
+
+
+def test_packed_gate_stays_fp32_under_bf16_autocast():
+    """bf16-mixed training leaves the gate's few small products in fp32: g exactly as without autocast."""
+    gate = _randomise(ScenarioGate(D, E, S, feedback_values=2, recency=True))
+    x = _inputs(torch.float32)
+    behaviours, own, example = _packed(x)
+    args = (behaviours, own, x["scenario"][example], x["table"], torch.randint(0, 2, own.shape),
+            age_packed(x["lengths"], example))
+    exact = gate.values_packed(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gate.values_packed(*args), exact)

@@ -122,13 +122,17 @@ class ScenarioGate(nn.Module):
         self,
         behaviours: torch.Tensor,  # [N, D] real behaviours only
         behaviour_scenario: torch.Tensor,  # [N] int, scenario of each behaviour
-        served: torch.Tensor,  # [N] int, served scenario of the example each behaviour belongs to
+        served: torch.Tensor,  # [N] int64, served scenario of the example each behaviour belongs to
         scenario_table: torch.Tensor,  # [S, E]
         feedback: torch.Tensor | None = None,  # [N] int
         age: torch.Tensor | None = None,  # [N] int, each behaviour's age (age_packed)
     ) -> torch.Tensor:  # [N] g_j in (0, 2)
-        # w_s·b_j for every s as one [N, D] × [D, S] product, then the served one: no [N, D] gather of w_s, and its
-        # backward no scatter of [N, D] rows into S rows
-        content = torch.mm(behaviours, self.behaviour_weight.t()).gather(1, served[:, None]).squeeze(1)  # [N]
-        context = self._context(served, behaviour_scenario, feedback, age)
-        return 2.0 * torch.sigmoid(self._context_logits(scenario_table).index_select(0, context) + content)
+        # training under bf16-mixed too: g as the fp32 formula (a few cheap products; bf16 moved g by up to 0.02)
+        with torch.autocast(behaviours.device.type, enabled=False):
+            # w_s·b_j for every s as one [N, D] × [D, S] product, then the served one: no [N, D] gather of w_s, and
+            # its backward no scatter of [N, D] rows into S rows
+            scores = torch.mm(behaviours.to(self.behaviour_weight.dtype), self.behaviour_weight.t())  # [N, S]
+            content = scores.gather(1, served[:, None]).squeeze(1)  # [N]
+            context = self._context(served, behaviour_scenario, feedback, age)
+            terms = self._context_logits(scenario_table.to(self.scenario_weight.dtype)).index_select(0, context)
+            return 2.0 * torch.sigmoid(terms + content)

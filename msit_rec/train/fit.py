@@ -183,6 +183,7 @@ def _train(
 ) -> FitResult:
     t = config.trainer
     started_at, start = utc_now(), time.perf_counter()
+    provenance = collect()  # now: the code this process runs, not what the checkout holds when training ends
     if t.tune_malloc:
         tune_glibc_malloc()
     pl.seed_everything(t.seed, workers=True, verbose=False)
@@ -245,7 +246,7 @@ def _train(
         result.last_position = checkpoint_position(last.best_model_path) if last.best_model_path else None
         result.started_at, result.finished_at = started_at, utc_now()
         result.wall_seconds = round(time.perf_counter() - start, 3)
-        result.provenance = collect()
+        result.provenance = provenance
         write_fit_result(out_dir, result)
     return result
 
