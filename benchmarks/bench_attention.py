@@ -52,7 +52,7 @@ class DenseStack(nn.Module):
     def __init__(self, attention: type[TargetAttention]) -> None:
         super().__init__()
         self.head = RankingHead(MODEL, pooled_dim=POOLED, dim=D, dense_dim=DENSE, scenario_dim=E, num_scenarios=S,
-                                recency=True)
+                                recency=MODEL.gate_recency)
         self.head.attention = attention(D, MODEL.attention_hidden, scenario_dim=E if MODEL.parts.attention_scenario else 0)
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, pooled, dense):

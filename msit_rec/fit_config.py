@@ -15,6 +15,7 @@ from typing import Literal
 from msit_rec.errors import ConfigError
 
 Variant = Literal["shared", "din", "din_sid", "star", "pepnet", "msit"]
+GateRecency = Literal["scenario", "shared", "none"]  # the behaviour gate's age term: r_s[k], one r[k], or none
 Activation = Literal["relu", "prelu", "gelu", "silu"]
 ShardingKind = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]
 EmbeddingOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
@@ -77,6 +78,9 @@ class ModelConfig:
     # the served scenario's embedding e(s) joins the target attention's input: None = as the variant's preset has it
     # (none does), true/false to ablate it on any variant with attention
     attention_scenario: bool | None = None
+    # how the behaviour gate (msit) weighs a behaviour's age: one profile per served scenario r_s[k] ("scenario"),
+    # one for every scenario r[k] ("shared": on MovieLens as good), or not at all ("none": the gate before it)
+    gate_recency: GateRecency = "scenario"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -85,6 +89,8 @@ class ModelConfig:
             raise ValueError("attention_hidden: expected at least one layer, got none")
         if self.attention_scenario and not VARIANTS[self.variant].attention:
             raise ValueError(f"attention_scenario: variant {self.variant!r} has no target attention")
+        if self.gate_recency != "scenario" and not VARIANTS[self.variant].behaviour_gate:
+            raise ValueError(f"gate_recency: variant {self.variant!r} has no behaviour gate")
 
     @property
     def parts(self) -> VariantParts:

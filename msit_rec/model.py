@@ -59,7 +59,7 @@ class RankingModel(nn.Module):
             scenario_dim=meta.feature("scenario").embedding_dim,
             num_scenarios=len(meta.scenarios),
             feedback_values=feedback.cardinality if feedback is not None else 0,
-            recency=True,
+            recency=config.gate_recency,
         )
 
     def absent_from_older_checkpoints(self, saved: set[str]) -> dict[str, torch.Tensor]:

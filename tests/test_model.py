@@ -318,3 +318,21 @@ def test_a_checkpoint_from_before_the_recency_term_scores_as_it_did(meta, rows) 
     batch = to_batch(rows, meta)
     assert torch.equal(logits(loaded, batch), logits(trained, batch))
     assert loaded.absent_from_older_checkpoints(set(trained.state_dict())) == {}
+
+
+@pytest.mark.parametrize(("recency", "profiles"), [("scenario", "S"), ("shared", 1), ("none", None)])
+def test_gate_recency_option_sets_the_age_term(meta, rows, recency: str, profiles) -> None:
+    """`model.gate_recency`: one age profile per served scenario, one for all, or none (the gate before it)."""
+    shape = None if profiles is None else (len(meta.scenarios) if profiles == "S" else profiles, 8)
+    net = random_model(meta, GATED, gate_recency=recency)
+    weight = net.head.gate.recency_weight
+    assert (None if weight is None else tuple(weight.shape)) == shape
+    assert logits(net, to_batch(rows, meta)).isfinite().all()
+    assert ("head.gate.recency_weight" in net.state_dict()) == (shape is not None)
+
+
+def test_gate_recency_needs_a_gated_variant() -> None:
+    with pytest.raises(ConfigError, match="gate_recency.*'din'.*no behaviour gate"):
+        from_dict(FitConfig, {"model": {"variant": "din", "gate_recency": "none"}}, "fit")
+    with pytest.raises(ConfigError, match="gate_recency"):
+        from_dict(FitConfig, {"model": {"gate_recency": "per_scenario"}}, "fit")

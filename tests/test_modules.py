@@ -58,7 +58,8 @@ def naive_gate(gate: ScenarioGate, b, sj, s, table, feedback=None, age=None):
             if feedback is not None:
                 logit = logit + gate.feedback_weight[k, int(sj[i, j]) * gate.feedback_values + int(feedback[i, j])]
             if age is not None:
-                logit = logit + gate.recency_weight[k, min((int(age[i, j]) + 1).bit_length() - 1, 7)]
+                profile = gate.recency_weight[k if gate.recency_weight.shape[0] > 1 else 0]  # per scenario, or shared
+                logit = logit + profile[min((int(age[i, j]) + 1).bit_length() - 1, 7)]
             out[i, j] = 2 * torch.sigmoid(logit)
     return out
 
@@ -156,9 +157,11 @@ def test_ages_of_both_layouts_count_back_from_the_most_recent_behaviour():
     assert torch.equal(age_bucket(every_age), torch.tensor([min((a + 1).bit_length() - 1, 7) for a in range(300)]))
 
 
+@pytest.mark.parametrize("recency", ["scenario", "shared"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_gate_with_recency_equals_the_formula_and_needs_the_ages(layout: str):
-    gate = _randomise(ScenarioGate(D, E, S, feedback_values=2, recency=True).double())
+def test_gate_with_recency_equals_the_formula_and_needs_the_ages(layout: str, recency: str):
+    gate = _randomise(ScenarioGate(D, E, S, feedback_values=2, recency=recency).double())
+    assert gate.recency_weight.shape == (S if recency == "scenario" else 1, 8)
     x = _inputs()
     feedback = torch.randint(0, 2, (B, L))
     age = age_padded(x["lengths"], L)
@@ -177,7 +180,7 @@ def test_gate_with_recency_equals_the_formula_and_needs_the_ages(layout: str):
 
 def test_recency_weighs_behaviours_by_age_per_served_scenario():
     """r_s[k] moves only the behaviours of age bucket k in rows served in s."""
-    gate = _randomise(ScenarioGate(D, E, S, recency=True).double())
+    gate = _randomise(ScenarioGate(D, E, S, recency="scenario").double())
     x = _inputs()
     age = age_padded(x["lengths"], L)
     args = (x["behaviours"], x["behaviour_scenario"], x["scenario"], x["table"], None, age)
@@ -426,7 +429,7 @@ class HeadStack(nn.Module):
         config = ModelConfig(variant=variant, attention_hidden=[16, 8], tower_hidden=[16, 8], activation="prelu",
                              pooling="softmax")
         self.head = RankingHead(config, pooled_dim=2 * D, dim=D, dense_dim=3, scenario_dim=E, num_scenarios=S,
-                                recency=True)
+                                recency="scenario")
 
     def forward(self, behaviours, behaviour_scenario, scenario, target, mask, user, dense):
         context = torch.arange(scenario.shape[0])
@@ -490,7 +493,7 @@ def test_packed_attention_trains_under_bf16_autocast():
 
 def test_packed_gate_stays_fp32_under_bf16_autocast():
     """bf16-mixed training leaves the gate's few small products in fp32: g exactly as without autocast."""
-    gate = _randomise(ScenarioGate(D, E, S, feedback_values=2, recency=True))
+    gate = _randomise(ScenarioGate(D, E, S, feedback_values=2, recency="scenario"))
     x = _inputs(torch.float32)
     behaviours, own, example = _packed(x)
     args = (behaviours, own, x["scenario"][example], x["table"], torch.randint(0, 2, own.shape),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msit_rec.fit_config import ModelConfig
+from msit_rec.fit_config import GateRecency, ModelConfig
 from msit_rec.modules.scenario_gate import ScenarioGate
 from msit_rec.modules.target_attention import TargetAttention
 from msit_rec.modules.tower import ScenarioTower
@@ -30,7 +30,7 @@ class RankingHead(nn.Module):
         scenario_dim: int,
         num_scenarios: int,
         feedback_values: int = 0,  # V of the behaviours' feedback the gate conditions on; 0 = none
-        recency: bool = False,  # the gate weighs behaviours by their age too (ScenarioGate)
+        recency: GateRecency = "none",  # how the gate weighs behaviours by their age (ScenarioGate)
     ) -> None:
         super().__init__()
         parts = config.parts

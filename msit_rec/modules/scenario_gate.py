@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msit_rec.fit_config import GateRecency
+
 RECENCY_KEY = "recency_weight"  # the parameter r_s; absent from checkpoints written before it
 
 
@@ -43,12 +45,13 @@ class ScenarioGate(nn.Module):
     keeps seeing the behaviours as they are: which behaviour matches the item is its job, which scenarios transfer
     the gate's.
 
-    Recency (`recency`): `r_s[k]` per served scenario and age bucket `k = min(⌊log2(age_j + 1)⌋, 7)` (age 0 = the
+    Recency (`recency="scenario"`; "shared": one `r[k]` for every served scenario; "none": no term): `r_s[k]` per
+    served scenario and age bucket `k = min(⌊log2(age_j + 1)⌋, 7)` (age 0 = the
     most recent behaviour). How far back a user's interest still holds depends on where they are served — the last few
     behaviours decide a binge, the whole history a first visit — and target attention, which sees only what each
     behaviour *is*, cannot tell. Measured on MovieLens (benchmarks/bench_quality.py, 5 seeds): +0.003 test AUC on
     the genre scenarios, +0.002 on the popularity shelves and on the session contexts over the gate without it. (On
-    those data one age profile for every served scenario, r_k, did as well — within ±0.0006 —: the ages matter
+    those data one age profile for every served scenario, r_k (`model.gate_recency: shared`), did as well — within ±0.0006 —: the ages matter
     there more than their dependence on the scenario.)
 
     Initialisation: every weight starts at zero, so g = 1 — the model starts as its attention alone, with σ at its
@@ -62,7 +65,12 @@ class ScenarioGate(nn.Module):
     """
 
     def __init__(
-        self, dim: int, scenario_dim: int, num_scenarios: int, feedback_values: int = 0, recency: bool = False
+        self,
+        dim: int,
+        scenario_dim: int,
+        num_scenarios: int,
+        feedback_values: int = 0,
+        recency: GateRecency = "none",
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -74,7 +82,8 @@ class ScenarioGate(nn.Module):
         contexts = num_scenarios * feedback_values
         self.feedback_weight = nn.Parameter(torch.zeros(num_scenarios, contexts)) if feedback_values else None
         self.recency_weight = (  # [S, RECENCY_BUCKETS] r_s (named RECENCY_KEY)
-            nn.Parameter(torch.zeros(num_scenarios, RECENCY_BUCKETS)) if recency else None
+            nn.Parameter(torch.zeros(num_scenarios if recency == "scenario" else 1, RECENCY_BUCKETS))
+            if recency != "none" else None
         )
 
     def _context_logits(self, scenario_table: torch.Tensor) -> torch.Tensor:
@@ -85,7 +94,7 @@ class ScenarioGate(nn.Module):
         if self.feedback_weight is not None:
             shape = (self.num_scenarios, self.num_scenarios, self.feedback_values)
             terms = terms[:, :, None] + self.feedback_weight.view(shape)  # [S, S, V]
-        if self.recency_weight is not None:
+        if self.recency_weight is not None:  # [S or 1, K]: one age profile per served scenario, or one for all
             terms = terms.reshape(self.num_scenarios, -1, 1) + self.recency_weight[:, None, :]  # [S, S·V, K]
         return terms.reshape(-1)
 
