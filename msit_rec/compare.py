@@ -125,28 +125,8 @@ def paired_bootstrap(
 
     All tensors are [N] over the same rows; `scenario` in [0, len(scenario_names)).
     """
-    check_bootstrap(resamples, level)
-    names = list(scores)
-    num = len(scenario_names)
-    n = label.shape[0]
-    strata = scenario.to(torch.int64)
-    rankings = {name: _Rankings(score, label, strata, num) for name, score in scores.items()}
-    points = {name: r.aucs()[0] for name, r in rankings.items()}  # [S + 1] on every row once
-    resampler = StratifiedResampler(strata, num, seed)
-    chunk = max(1, chunk_elements // max(n, 1))
-    differences = {name: [] for name in names[1:]}
-    with tqdm(total=resamples, desc="bootstrap", unit="resample", disable=not progress) as bar:
-        for first in range(0, resamples, chunk):
-            r = min(chunk, resamples - first)
-            weights = resampler.draw(r)  # [r, N]
-            reference = rankings[names[0]].aucs(weights)  # [r, S + 1]
-            for name in names[1:]:
-                differences[name].append(rankings[name].aucs(weights) - reference)
-            bar.update(r)
-    return with_intervals(
-        points[names[0]], {name: points[name] for name in names[1:]},
-        {name: torch.cat(differences[name]) for name in names[1:]}, scenario_names, level,
-    )
+    return paired_bootstrap_over_seeds(label, scenario, [scores], scenario_names, resamples, level, seed,
+                                       chunk_elements, progress)
 
 
 def with_intervals(
@@ -179,6 +159,16 @@ def with_intervals(
     return result
 
 
+def _seed_counts(resamples: int, seeds: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[resamples, K] float64: how often each of K seeds is drawn (with replacement) in each resample; all ones for a
+    single seed, without drawing (the row draws of a one-seed bootstrap stay those of `paired_bootstrap`)."""
+    if seeds == 1:
+        return torch.ones(resamples, 1, dtype=torch.float64, device=device)
+    drawn = torch.randint(0, seeds, (resamples, seeds), generator=generator, device=device)
+    ones = torch.ones(resamples, seeds, dtype=torch.float64, device=device)
+    return torch.zeros(resamples, seeds, dtype=torch.float64, device=device).scatter_add_(1, drawn, ones)
+
+
 def paired_bootstrap_over_seeds(
     label: torch.Tensor,
     scenario: torch.Tensor,
@@ -188,6 +178,7 @@ def paired_bootstrap_over_seeds(
     level: float = defaults.CONFIDENCE_LEVEL,
     seed: int = defaults.BOOTSTRAP_SEED,
     chunk_elements: int = 1 << 22,
+    progress: bool = False,
 ) -> dict[str, dict[str, AucDifference]]:
     """The mean over training seeds of every model's AUC difference to the first, with an interval that holds both
     sources of noise: each resample draws the seeds with replacement and, as `paired_bootstrap` does, the test rows
@@ -196,6 +187,7 @@ def paired_bootstrap_over_seeds(
     interval is somewhat narrow: resampling K seeds shrinks their spread by (K − 1)/K.
 
     `scores_by_seed[k]` maps model → scores [N] of seed k's runs, over the same rows (`label`, `scenario`) for all.
+    With one seed this is `paired_bootstrap`.
     """
     check_bootstrap(resamples, level)
     if not scores_by_seed:
@@ -211,16 +203,16 @@ def paired_bootstrap_over_seeds(
     resampler = StratifiedResampler(strata, num, seed)
     chunk = max(1, chunk_elements // max(n, 1))
     differences: dict[str, list[torch.Tensor]] = {name: [] for name in names[1:]}
-    for first in range(0, resamples, chunk):
-        r = min(chunk, resamples - first)
-        weights = resampler.draw(r)  # [r, N]
-        drawn = torch.randint(0, seeds, (r, seeds), generator=resampler.generator, device=label.device)  # [r, K]
-        counts = torch.zeros(r, seeds, dtype=torch.float64, device=label.device).scatter_add_(
-            1, drawn, torch.ones(r, seeds, dtype=torch.float64, device=label.device))  # [r, K] times each seed drawn
-        reference = [ranks[names[0]].aucs(weights) for ranks in rankings]  # K × [r, S + 1]
-        for name in names[1:]:
-            per_seed = torch.stack([ranks[name].aucs(weights) - ref for ranks, ref in zip(rankings, reference)], 1)
-            differences[name].append((per_seed * counts[:, :, None]).sum(1) / seeds)  # [r, S + 1]; NaN stays NaN
+    with tqdm(total=resamples, desc="bootstrap", unit="resample", disable=not progress) as bar:
+        for first in range(0, resamples, chunk):
+            r = min(chunk, resamples - first)
+            weights = resampler.draw(r)  # [r, N]
+            counts = _seed_counts(r, seeds, resampler.generator, label.device)  # [r, K] times each seed is drawn
+            reference = [ranks[names[0]].aucs(weights) for ranks in rankings]  # K × [r, S + 1]
+            for name in names[1:]:
+                per_seed = torch.stack([ranks[name].aucs(weights) - ref for ranks, ref in zip(rankings, reference)], 1)
+                differences[name].append((per_seed * counts[:, :, None]).sum(1) / seeds)  # [r, S + 1]; NaN stays
+            bar.update(r)
     return with_intervals(
         points[names[0]], {name: points[name] for name in names[1:]},
         {name: torch.cat(differences[name]) for name in names[1:]}, scenario_names, level,
