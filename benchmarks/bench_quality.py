@@ -34,8 +34,9 @@ error bars = std over seeds).
     python benchmarks/bench_quality.py [--quick] [--out benchmarks/results/quality] [--seeds N] [--epochs N]
                                        [--datasets transfer,movielens,movielens_shelves,movielens_sessions] [--reuse]
 
-`--reuse`: keep the finished runs already in OUT that were trained with the very same config on the same data
-(an interrupted run goes on where it stopped; the evaluations and claims are always recomputed).
+`--reuse`: keep the finished runs already in OUT that were trained with the very same config on the same data by
+the same clean git commit (an interrupted run goes on where it stopped; the evaluations and claims are always
+recomputed).
 `--quick`: 1 seed, 1 epoch of 60 batches, a smaller generated world: a smoke test of a few minutes on 2 cores. The expected
 runtime is printed before training starts (quick mode also extrapolates the full run from its measured speed).
 """
@@ -421,8 +422,8 @@ def verdict(
         return {"goal": "every scenario", "met": passed, "checks": checks}, text + details + "."
     behind = sorted({f"{s} ({v})" for v, by_slice in pooled.items() for s in scenarios
                      if by_slice[s]["ci_low"] is not None and by_slice[s]["ci_low"] > 0})
-    below_shared = [s for s in scenarios if (candidate_margin(summary, s)["msit_auc"] or 0.0)
-                    < (summary["shared"][s]["auc"]["mean"] or 0.0)]
+    below_shared = [s for s in scenarios
+                    if (summary[CANDIDATE][s]["auc"]["mean"] or 0.0) < (summary["shared"][s]["auc"]["mean"] or 0.0)]
     overall = candidate_margin(summary, OVERALL)
     runner_up = pooled[overall["best_other"]][OVERALL] if overall["best_other"] is not None else None
     defined = runner_up is not None and runner_up["difference"] is not None and runner_up["ci_high"] is not None
@@ -556,8 +557,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     known = ["transfer", *MOVIELENS_CONFIGS]
     parser.add_argument("--datasets", default=",".join(known), help=f"comma-separated: {', '.join(known)}")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep the finished runs already in --out that had this very config and dataset (an "
-                             "interrupted benchmark goes on where it stopped); the others are trained")
+                        help="keep the finished runs already in --out that had this very config and dataset and were "
+                             "trained by this clean git commit (an interrupted benchmark goes on where it stopped); "
+                             "the others are trained")
     args = parser.parse_args(argv)
     unknown = set(args.datasets.split(",")) - set(known)
     if unknown:

@@ -103,13 +103,6 @@ class StratifiedResampler:
         return torch.bincount((picked + line).reshape(-1), minlength=resamples * n).reshape(resamples, n)
 
 
-def check_bootstrap(resamples: int, level: float) -> None:
-    if resamples < 1:
-        raise ConfigError(f"resamples must be >= 1, got {resamples}")
-    if not 0 < level < 1:
-        raise ConfigError(f"level must be in (0, 1), got {level}")
-
-
 def paired_bootstrap(
     label: torch.Tensor,
     scenario: torch.Tensor,
@@ -189,7 +182,10 @@ def paired_bootstrap_over_seeds(
     `scores_by_seed[k]` maps model → scores [N] of seed k's runs, over the same rows (`label`, `scenario`) for all.
     With one seed this is `paired_bootstrap`.
     """
-    check_bootstrap(resamples, level)
+    if resamples < 1:
+        raise ConfigError(f"resamples must be >= 1, got {resamples}")
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
     if not scores_by_seed:
         raise ConfigError("paired_bootstrap_over_seeds needs the scores of at least one seed")
     names = list(scores_by_seed[0])

@@ -8,8 +8,6 @@ from torch import nn
 from msit_rec.fit_config import GateRecency
 
 RECENCY_KEY = "recency_weight"  # the parameter r_s; absent from checkpoints written before it
-
-
 RECENCY_BUCKETS = 8  # ages 0 | 1–2 | 3–6 | 7–14 | 15–30 | 31–62 | 63–126 | ≥ 127, whatever the history length
 
 
@@ -81,7 +79,7 @@ class ScenarioGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_scenarios))  # [S] c_s
         contexts = num_scenarios * feedback_values
         self.feedback_weight = nn.Parameter(torch.zeros(num_scenarios, contexts)) if feedback_values else None
-        self.recency_weight = (  # [S, RECENCY_BUCKETS] r_s (named RECENCY_KEY)
+        self.recency_weight = (  # [S, K] r_s, or [1, K] one profile for all ("shared"); named RECENCY_KEY
             nn.Parameter(torch.zeros(num_scenarios if recency == "scenario" else 1, RECENCY_BUCKETS))
             if recency != "none" else None
         )
