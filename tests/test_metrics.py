@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from msit_rec.compare import StratifiedResampler, paired_bootstrap, paired_bootstrap_over_seeds
 from msit_rec.config import to_dict
-from msit_rec.errors import DataError
+from msit_rec.errors import ConfigError, DataError
 from msit_rec.metrics import ScoredRows, auc, compute_metrics, gauc, rank_rows, ranked_auc
 
 SCENARIOS = ["home", "search", "detail", "tiny", "empty"]  # "empty" gets no rows
@@ -296,3 +296,12 @@ def test_bootstrap_leaves_single_class_scenarios_undefined() -> None:
     y = result["strong"]["y"]
     assert (y.reference_auc, y.difference, y.ci_low, y.ci_high, y.valid_resamples) == (None, None, None, None, 0)
     assert result["strong"]["x"].valid_resamples == 100
+
+
+def test_seed_pooled_bootstrap_refuses_seeds_with_other_models() -> None:
+    label, scenario, scores = two_models()
+    with pytest.raises(ConfigError, match=r"every seed needs the same models \['weak', 'strong'\], got "
+                                          r"\[\['weak', 'strong'\], \['weak'\]\]"):
+        paired_bootstrap_over_seeds(label, scenario, [scores, {"weak": scores["weak"]}], ["x", "y"], resamples=10)
+    with pytest.raises(ConfigError, match="needs the scores of at least one seed"):
+        paired_bootstrap_over_seeds(label, scenario, [], ["x", "y"], resamples=10)
