@@ -64,6 +64,7 @@ from matplotlib.figure import Figure
 
 from msit_rec.config import apply_overrides, from_dict, load_config, read_yaml
 from msit_rec.data.spec import DatasetMeta
+from msit_rec.fit_config import OptimConfig
 from msit_rec.metrics import SliceMetrics, SplitMetrics
 from msit_rec.provenance import host_facts
 from msit_rec.report import OVERALL, slices
@@ -124,6 +125,8 @@ class Budget:
 
 
 FULL = Budget(seeds=5, epochs=3)
+# the trainer default every variant gets; it applies to msit only (the one variant whose gate has an age profile)
+RECENCY_LR_TEXT = f"msit's gate age profile: × {OptimConfig().recency_lr_scale:g}, the trainer default"
 BOOTSTRAP_RESAMPLES = 1000
 QUICK = Budget(seeds=1, epochs=1, train_batches=60, validations_per_epoch=1)
 # Runtime model for the estimate printed before training, from --quick runs on the idle 2-core dev machine
@@ -594,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host: {host.summary()}", flush=True)
     print(f"budget per fit: tower {list(budget.tower)}, {budget.epochs} epoch(s) validated "
           f"{budget.validations_per_epoch}× each (early stop after {budget.patience}), batch {budget.batch_size}, "
-          f"dense lr {budget.dense_lr}, best-on-valid checkpoint; {budget.seeds} seed(s) × {len(VARIANTS)} variants",
+          f"dense lr {budget.dense_lr} ({RECENCY_LR_TEXT}), best-on-valid checkpoint; {budget.seeds} seed(s) × "
+          f"{len(VARIANTS)} variants",
           flush=True)
 
     datasets: dict[str, tuple[Path, str]] = {}
@@ -661,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Quality benchmark{' (--quick)' if args.quick else ''}: every variant, same budget, per scenario", "",
         (f"Budget per fit: tower {list(budget.tower)}, at most {budget.epochs} epoch(s) validated "
          f"{budget.validations_per_epoch}× each, early stop after {budget.patience} validations without gain, batch "
-         f"{budget.batch_size}, dense lr {budget.dense_lr}, checkpoint = best validation AUC; {budget.seeds} seed(s). "
+         f"{budget.batch_size}, dense lr {budget.dense_lr} ({RECENCY_LR_TEXT}), checkpoint = best validation AUC; "
+         f"{budget.seeds} seed(s). "
          f"Bold: best mean. Runtime {minutes(elapsed)}{reused_text(results)}."), "",
         *(f"Dataset `{d}` skipped: {MOVIELENS_DIR} is absent." for d in skipped),
         *(dataset_section(name, result) for name, result in results.items()),

@@ -62,6 +62,12 @@ class RankingModel(nn.Module):
             recency=config.gate_recency,
         )
 
+    @property
+    def age_profile(self) -> nn.Parameter | None:
+        """The gate's recency weights r (None without a gate, or with `gate_recency: none`): the dense optimizer
+        gives them a rate of their own (msit_rec/train/optim.py: dense_param_groups)."""
+        return self.head.gate.recency_weight if self.head.gate is not None else None
+
     def absent_from_older_checkpoints(self, saved: set[str]) -> dict[str, torch.Tensor]:
         """The tensors of this model that `saved` (a checkpoint's keys) lacks because they were added since, at the
         value under which the model computes what it computed before them: the gate's recency term r = 0."""

@@ -23,7 +23,7 @@ import torch
 from msit_rec.config import from_dict
 from msit_rec.data.spec import DatasetMeta
 from msit_rec.errors import ConfigError
-from msit_rec.fit_config import FitConfig
+from msit_rec.fit_config import FitConfig, OptimConfig
 from msit_rec.run_dir import read_fit_result
 from msit_rec.train.fit import fit
 from msit_rec.train.monitoring import BestCheckpoint
@@ -110,6 +110,8 @@ def test_epochs_shorter_than_the_logging_interval_still_log_training(watched_run
     assert all(row["train/examples_per_sec"] > 0 and math.isfinite(row["train/loss"]) for row in train)
     rates = [row for row in rows if "train/lr_dense" in row]
     assert len(rates) == EPOCHS and rates[0]["train/lr_dense"] > rates[1]["train/lr_dense"] > 0  # cosine decay
+    ratios = [row["train/lr_recency"] / row["train/lr_dense"] for row in rates]  # msit: the age profile's own group
+    assert ratios == pytest.approx([OptimConfig().recency_lr_scale] * EPOCHS, rel=1e-9)
     assert not [name for row in rows for name in row if "StepAllCombinedOptimizer" in name]
     shortened = [line for line in watched_run["log"] if "log_every_n_steps" in line]
     assert shortened == [(f"an epoch has {STEPS_PER_EPOCH} training step(s), fewer than trainer.log_every_n_steps="

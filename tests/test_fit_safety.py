@@ -30,6 +30,7 @@ from msit_rec.train.checkpoint import (
     load_unsharded_checkpoint,
     recover_interrupted_swap,
 )
+from msit_rec.train.strategy import DENSE_PARAM_GROUPS_KEY
 from tests.checkpoints import flat_tensors
 from tests.launch import LAUNCH_ENV
 from tests.training_worker import SMALL_RUN
@@ -168,6 +169,18 @@ def test_resume_from_a_foreign_model_is_refused(finished_run, small_examples, tm
     line = refused(capsys, [*resume_args(small_examples, run, run / "checkpoints/last.ckpt"),
                             "--model", str(REPO / "configs/model/din.yaml")])
     assert "does not fit the model" in line and "model.head.gate" in line
+
+
+def test_resume_of_a_run_without_the_recency_group_is_refused(finished_run, small_examples, tmp_path, capsys) -> None:
+    run = copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoints/last.ckpt"
+    state = load_trainer_state(ckpt)
+    assert [group["name"] for group in state[DENSE_PARAM_GROUPS_KEY]] == ["dense", "recency"]
+    state[DENSE_PARAM_GROUPS_KEY] = state[DENSE_PARAM_GROUPS_KEY][:1]  # what msit runs wrote before the profile's lr
+    torch.save(state, ckpt / TRAINER_STATE_FILE)
+    rewrite_record(ckpt)
+    line = refused(capsys, resume_args(small_examples, run, ckpt))
+    assert "1 parameter group(s)" in line and "2 (dense, recency)" in line and "--init-from" in line
 
 
 def test_resume_on_re_prepared_examples_is_refused(finished_run, small_examples, tmp_path, capsys) -> None:

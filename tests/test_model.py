@@ -29,6 +29,7 @@ from msit_rec.errors import ConfigError, MsitError
 from msit_rec.fit_config import VARIANTS, FitConfig, ModelConfig, SequencePath, TrainerConfig
 from msit_rec.model import RankingModel
 from msit_rec.train.fit import fit
+from msit_rec.train.optim import dense_param_groups
 from tests.random_model import GATED, random_model
 
 ROWS = 512
@@ -336,3 +337,29 @@ def test_gate_recency_needs_a_gated_variant() -> None:
         from_dict(FitConfig, {"model": {"variant": "din", "gate_recency": "none"}}, "fit")
     with pytest.raises(ConfigError, match="gate_recency"):
         from_dict(FitConfig, {"model": {"gate_recency": "per_scenario"}}, "fit")
+
+
+@pytest.mark.parametrize(("variant", "recency"), [("msit", "scenario"), ("msit", "shared"), ("msit", "none"),
+                                                 ("din", "scenario")])
+def test_the_age_profile_learns_at_its_own_rate(meta, rows, variant: str, recency: str) -> None:
+    """trainer.optim.recency_lr_scale: the gate's age profile (exactly it) forms the "recency" group at scale ×
+    dense_lr. Oracle: AdamW's first step moves every parameter with a gradient by its group's lr (m̂/√v̂ = ±1), so
+    after one step r has moved 10× as far as every other parameter; without an age profile there is one group."""
+    net = random_model(meta, variant, **({"gate_recency": recency} if variant == GATED else {})).train()
+    groups = dense_param_groups(net, net.age_profile, 1e-3, 10.0)
+    profiled = variant == GATED and recency != "none"
+    assert [g["name"] for g in groups] == (["dense", "recency"] if profiled else ["dense"])
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))  # a partition: every parameter once
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    batch = to_batch(rows, meta)
+    F.binary_cross_entropy_with_logits(net(batch), batch.label).backward()
+    optimizer.step()
+    for name, param in net.named_parameters():
+        step = (param.detach() - before[name]).abs().max().item()
+        assert step == pytest.approx(1e-2 if name == "head.gate.recency_weight" else 1e-3, rel=1e-3), name
+
+
+def test_recency_lr_scale_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"fit.trainer.optim: recency_lr_scale: expected a positive number, got 0"):
+        from_dict(FitConfig, {"trainer": {"optim": {"recency_lr_scale": 0}}}, "fit")

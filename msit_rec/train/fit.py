@@ -61,8 +61,9 @@ from msit_rec.train.monitoring import (
     log_interval,
     train_steps_per_epoch,
 )
+from msit_rec.train.optim import dense_param_groups
 from msit_rec.train.progress import StderrProgressBar
-from msit_rec.train.strategy import TorchRecStrategy, check_devices, check_launch
+from msit_rec.train.strategy import DENSE_PARAM_GROUPS_KEY, TorchRecStrategy, check_devices, check_launch
 from msit_rec.train.warm_start import check_init_from_flags, check_warm_startable, resolve_init_from
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def check_model_fits_dataset(meta: DatasetMeta, model: ModelConfig) -> RankingMo
 def check_resumable(ckpt_dir: Path, meta: DatasetMeta, model: RankingModel) -> None:
     """DataError unless `ckpt_dir` is a complete, intact checkpoint of this model trained on these examples."""
     check_checkpoint_dir(ckpt_dir)
-    saved_hash = load_trainer_state(ckpt_dir).get(DATASET_HASH_KEY)
+    trainer_state = load_trainer_state(ckpt_dir)
+    saved_hash = trainer_state.get(DATASET_HASH_KEY)
     if saved_hash != meta.content_hash:
         raise DataError(
             f"--resume {ckpt_dir}: trained on examples with content_hash {saved_hash!r}, but --data has "
@@ -85,6 +87,15 @@ def check_resumable(ckpt_dir: Path, meta: DatasetMeta, model: RankingModel) -> N
         )
     expected = {f"model.{key}": value.shape for key, value in model.state_dict().items()}
     check_state_matches(checkpoint_shapes(ckpt_dir), expected, ckpt_dir)
+    saved_groups = trainer_state.get(DENSE_PARAM_GROUPS_KEY)
+    groups = dense_param_groups(model, model.age_profile, 1.0, 1.0)
+    if saved_groups is not None and len(saved_groups) != len(groups):  # its schedule could not be restored
+        raise DataError(
+            f"--resume {ckpt_dir}: its dense optimizer has {len(saved_groups)} parameter group(s), this model trains "
+            f"{len(groups)} ({', '.join(group['name'] for group in groups)}) — msit runs written before the gate's age "
+            f"profile got its own learning rate (trainer.optim.recency_lr_scale) have one; continue it as a new run "
+            f"with --init-from {ckpt_dir} instead"
+        )
 
 
 def steps_per_epoch(meta: DatasetMeta, t: TrainerConfig) -> int:

@@ -24,7 +24,7 @@ from msit_rec.errors import TrainingError
 from msit_rec.fit_config import ModelConfig, OptimConfig
 from msit_rec.model import RankingModel
 from msit_rec.train.checkpoint import DATASET_HASH_KEY
-from msit_rec.train.optim import dense_parameters
+from msit_rec.train.optim import dense_param_groups
 from msit_rec.train.val_metrics import ValidationMetrics
 
 
@@ -90,12 +90,11 @@ class RankingModule(pl.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name in ("auc", "logloss"), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(
-            dense_parameters(self), lr=self.optim.dense_lr, weight_decay=self.optim.weight_decay
-        )
+        groups = dense_param_groups(self, self.model.age_profile, self.optim.dense_lr, self.optim.recency_lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.dense_lr, weight_decay=self.optim.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, lambda step: lr_factor(step, total, self.optim))
-        # the name is what msit_rec/train/monitoring.py's DenseLearningRate logs
+        # msit_rec/train/monitoring.py's DenseLearningRate logs each group's rate as train/lr_<group name>
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr_dense"}}
 

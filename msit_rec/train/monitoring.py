@@ -5,7 +5,8 @@
 - `BestCheckpoint`: Lightning's ModelCheckpoint for `best.ckpt` that also keeps every validation metric of the
   validation it saved at (so fit_result.json holds the best checkpoint's validation AUC whatever picked it).
 - `ExamplesPerSecond`: `train/examples_per_sec` at every logging step.
-- `DenseLearningRate`: `train/lr_dense`, the dense AdamW's scheduled learning rate, at every logging step. The fused
+- `DenseLearningRate`: `train/lr_dense`, the dense AdamW's scheduled learning rate, at every logging step (and
+  `train/lr_recency`, the group of msit's gate age profile: OptimConfig.recency_lr_scale × the dense one). The fused
   embedding optimizer's rate is constant: `trainer.sharding.embedding_lr` in the logged hyper-parameters.
 - `log_interval`: `trainer.log_every_n_steps`, lowered to the steps of an epoch when an epoch is shorter (Lightning
   would otherwise log no training step in such an epoch).
@@ -103,8 +104,8 @@ class ExamplesPerSecond(Callback):
 
 
 class DenseLearningRate(LearningRateMonitor):
-    """Lightning's LearningRateMonitor, per logging step, of the scheduled optimizer only (the dense AdamW; its
-    schedule's name, `train/lr_dense`, set in RankingModule.configure_optimizers, is the logged name). Left to itself
+    """Lightning's LearningRateMonitor, per logging step, of the scheduled optimizer only (the dense AdamW: one rate
+    per parameter group, `train/lr_dense` and for msit `train/lr_recency`). Left to itself
     it would also log TorchRecStrategy's combined optimizer: the dense rate again and the fused embedding optimizer's
     constant one, as lr-StepAllCombinedOptimizer/pg1..pgN."""
 
@@ -114,6 +115,11 @@ class DenseLearningRate(LearningRateMonitor):
     def _find_names_from_optimizers(self, optimizers: list[Any], seen_optimizers: list[Any],
                                     seen_optimizer_types: Any) -> tuple[list[list[str]], list[Any]]:
         return [], []  # no optimizer without a schedule is logged
+
+    def _add_suffix(self, name: str, param_groups: list[dict], param_group_index: int, use_names: bool = True) -> str:
+        """`train/lr_<group>` (msit_rec/train/optim.py: dense_param_groups): `train/lr_dense` whether or not the
+        recency group is there too, where Lightning would log `train/lr_dense/dense`."""
+        return f"train/lr_{param_groups[param_group_index]['name']}"
 
 
 def train_steps_per_epoch(batches: int, limit_train_batches: float) -> int:

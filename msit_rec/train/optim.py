@@ -29,6 +29,19 @@ def dense_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
             yield param
 
 
+def dense_param_groups(
+    module: nn.Module, age_profile: nn.Parameter | None, dense_lr: float, recency_lr_scale: float
+) -> list[dict[str, Any]]:
+    """The dense optimizer's parameter groups: "dense" (every dense parameter but the gate's age profile, at
+    `dense_lr`) and, for a model whose gate has one (RankingModel.age_profile), "recency" (it alone, at
+    `recency_lr_scale` × `dense_lr`: OptimConfig says why). A resumed run must have as many (fit.check_resumable)."""
+    params = list(dense_parameters(module))
+    groups = [{"name": "dense", "params": [p for p in params if p is not age_profile], "lr": dense_lr}]
+    if age_profile is not None:
+        groups.append({"name": "recency", "params": [age_profile], "lr": dense_lr * recency_lr_scale})
+    return groups
+
+
 class StepAllCombinedOptimizer(CombinedOptimizer):
     """CombinedOptimizer whose `step(closure)` runs the closure once, then steps every sub-optimizer.
 
