@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,7 +118,7 @@ class OptimConfig:
     recency_lr_scale: float = 20.0
 
     def __post_init__(self) -> None:
-        if not self.recency_lr_scale > 0:
+        if not (self.recency_lr_scale > 0 and math.isfinite(self.recency_lr_scale)):
             raise ConfigError(f"recency_lr_scale: expected a positive number, got {self.recency_lr_scale}")
 
 

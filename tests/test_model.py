@@ -360,6 +360,7 @@ def test_the_age_profile_learns_at_its_own_rate(meta, rows, variant: str, recenc
         assert step == pytest.approx(1e-2 if name == "head.gate.recency_weight" else 1e-3, rel=1e-3), name
 
 
-def test_recency_lr_scale_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match=r"fit.trainer.optim: recency_lr_scale: expected a positive number, got 0"):
-        from_dict(FitConfig, {"trainer": {"optim": {"recency_lr_scale": 0}}}, "fit")
+@pytest.mark.parametrize("scale", [0, -1.0, float("inf")])
+def test_recency_lr_scale_must_be_a_positive_number(scale: float) -> None:
+    with pytest.raises(ConfigError, match=rf"fit.trainer.optim: recency_lr_scale: expected a positive number, got {scale}"):
+        from_dict(FitConfig, {"trainer": {"optim": {"recency_lr_scale": scale}}}, "fit")

@@ -117,9 +117,12 @@ class DenseLearningRate(LearningRateMonitor):
         return [], []  # no optimizer without a schedule is logged
 
     def _add_suffix(self, name: str, param_groups: list[dict], param_group_index: int, use_names: bool = True) -> str:
-        """`train/lr_<group>` (msit_rec/train/optim.py: dense_param_groups): `train/lr_dense` whether or not the
-        recency group is there too, where Lightning would log `train/lr_dense/dense`."""
-        return f"train/lr_{param_groups[param_group_index]['name']}"
+        """`train/lr_<group>` for named groups (msit_rec/train/optim.py: dense_param_groups): `train/lr_dense`
+        whether or not the recency group is there too, where Lightning would log `train/lr_dense/dense`."""
+        group = param_groups[param_group_index].get("name")
+        if group is None:
+            return super()._add_suffix(name, param_groups, param_group_index, use_names)
+        return f"train/lr_{group}"
 
 
 def train_steps_per_epoch(batches: int, limit_train_batches: float) -> int:

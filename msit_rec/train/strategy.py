@@ -3,8 +3,8 @@
 Contract with the LightningModule:
 - build every EmbeddingBagCollection / EmbeddingCollection on the meta device, anywhere in the module
   tree (e.g. `self.model.sparse.ebc`); everything else (dense layers) on the CPU as usual;
-- build the dense optimizer in `configure_optimizers` over `msit_rec.train.optim.dense_parameters(self)`
-  (exactly one optimizer; an LR scheduler may be attached to it as usual);
+- build the dense optimizer in `configure_optimizers` over `msit_rec.train.optim.dense_parameters(self)`, in
+  parameter groups or not (`dense_param_groups`; exactly one optimizer; an LR scheduler may be attached to it as usual);
 - every rank must run the same number of batches (DMP runs collectives in every forward).
 
 The strategy wraps the whole LightningModule in DMP instead of DDP: DMP replaces the TorchRec modules
