@@ -202,7 +202,8 @@ def one_process_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     resumed_trainer.fit(resumed, train, val, ckpt_path=ckpts / "last.ckpt")
     resumed_trainer.save_checkpoint(root / "resumed.ckpt")
     return {"full": root / "full.ckpt", "resumed": root / "resumed.ckpt", "ckpts": ckpts, "full_val": full_val,
-            "lrs": (full_trainer.optimizers[0].param_groups[0]["lr"], resumed_trainer.optimizers[0].param_groups[0]["lr"])}
+            "lrs": (full_trainer.optimizers[0].param_groups[0]["lr"], resumed_trainer.optimizers[0].param_groups[0]["lr"]),
+            "dense_wrapper": type(full_trainer.strategy.dmp._dmp_wrapped_module)}
 
 
 def test_resume_continues_with_identical_state(one_process_runs: dict[str, Path]) -> None:
@@ -214,6 +215,12 @@ def test_resume_continues_with_identical_state(one_process_runs: dict[str, Path]
         assert torch.equal(full[key], resumed[key]), key
     full_lr, resumed_lr = one_process_runs["lrs"]
     assert full_lr == resumed_lr == pytest.approx(0.01 * 0.8**8)  # LR schedule continued, not restarted
+
+
+def test_one_process_leaves_the_dense_parameters_unwrapped(one_process_runs: dict[str, Any]) -> None:
+    """One process has no gradient to average: DMP keeps the module itself, no DDP around it (two processes keep
+    DDP: test_two_processes_learn_and_keep_dense_weights_identical would see the ranks' dense weights drift)."""
+    assert one_process_runs["dense_wrapper"] is ToyRecModule
 
 
 def test_validate_after_fit_reuses_the_sharded_module(one_process_runs: dict[str, Any]) -> None:
