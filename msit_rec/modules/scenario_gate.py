@@ -50,9 +50,10 @@ class ScenarioGate(nn.Module):
     behaviour *is*, cannot tell. Measured on MovieLens (benchmarks/bench_quality.py, 5 seeds), with r learning at
     `trainer.optim.recency_lr_scale` × the dense rate (at the dense rate it barely moves within a small budget):
     the term is what lifts msit above every other variant there (+0.011 to +0.013 test AUC over the best of them
-    under each of three scenario definitions; without it msit ties them). One age profile for every served scenario, r_k (`model.gate_recency: shared`), did as well
-    on those data — the ages matter there more than their dependence on the scenario — though the learnt profiles
-    differ: a binge keeps its last 3–6 behaviours near full weight, onboarding and visit only their last 2.
+    under each of three scenario definitions; without it msit ties them). One age profile for every served scenario,
+    r_k (`model.gate_recency: shared`), did as well on those data — the ages matter there more than their dependence
+    on the scenario — though the learnt profiles differ: a binge keeps its last 3–6 behaviours near full weight,
+    onboarding and visit only their last 2.
 
     Initialisation: every weight starts at zero, so g = 1 — the model starts as its attention alone, with σ at its
     steepest, and the gate moves both ways from there. (An earlier gate scaled each of the D dimensions of b_j,
