@@ -19,7 +19,11 @@ peak RSS is per configuration:
   bounds training.
 - `floor`: the matmul floor of one step (benchmarks/matmul_floor.py): the twin's matrix products (forward and
   backward; the same dense modules as msit, so the same products), each timed alone, and the examples/s that time
-  alone would allow — the ceiling for any work on everything else; in fp32, and in bf16 when a bf16 row ran.
+  alone would allow — the ceiling for any work on everything else; in fp32, and in bf16 when a bf16 row ran. The
+  yardstick takes the attention's products whole (one per layer over all N behaviours: the model's products, however
+  an implementation tiles them); a second floor times the cache-sized blocks that the blocked unit runs
+  (msit_rec/modules/blocked_attention.py), each alone with its operands hot in cache — lower, because a tiled product
+  alone runs faster than the whole one, which is the point of tiling.
 
 Data: a synthetic log with long click histories (generator knobs below; the mean hist_len is reported, since
 the attention cost grows with it), prepared with synthetic_wide.yaml into a temporary directory (or `--data DIR`,
@@ -332,17 +336,25 @@ def run_peer(params: dict[str, Any]) -> dict[str, Any]:
 
 def run_floor(params: dict[str, Any]) -> dict[str, Any]:
     """The matmul floor of one training step: the twin's (the same dense modules as msit, so the same products), with
-    the products in params["dtype"] (bf16: the floor of bf16-mixed training)."""
+    the products in params["dtype"] (bf16: the floor of bf16-mixed training) and the attention's products tiled as
+    params["tiling"] says: "whole" — one product per layer over all N behaviours, the model's products as such (the
+    yardstick); "blocked" — the cache-sized row blocks the blocked unit really runs, each timed alone with its
+    operands hot in cache, so faster per FLOP than the same product over N rows."""
     import torch
     from matmul_floor import matmul_floor  # benchmarks/ is the script's directory
 
+    from msit_rec.modules import TargetAttention
+
     model, optimizers, loader = build_twin(params)
+    for module in model.modules():
+        if isinstance(module, TargetAttention):
+            module.blocked = module.blocked and params["tiling"] == "blocked"
     batch = next(iter(loader))
     for _ in range(2):
         twin_step(model, optimizers, batch)
     floor = matmul_floor(lambda: twin_step(model, optimizers, batch), dtype=getattr(torch, params["dtype"]))
     floor["max_examples_per_s"] = round(BATCH / (floor["floor_ms"] / 1e3))
-    return {**floor, "peak_rss_mib": peak_rss_mib()}
+    return {**floor, "tiling": params["tiling"], "peak_rss_mib": peak_rss_mib()}
 
 
 def run_loader(params: dict[str, Any]) -> dict[str, Any]:
@@ -462,9 +474,12 @@ def main() -> None:
                   f"load {row['load_avg_1m_before']})", flush=True)
         floors = {}  # the matmul floor in each precision a training row ran in
         if not args.only or "floor" in args.only:
-            floors["fp32"] = measure("floor", {**base, "dtype": "float32"}, scratch, "floor_fp32")
-            if any(r["name"].endswith("bf16-mixed") for r in rows):
-                floors["bf16"] = measure("floor", {**base, "dtype": "bfloat16"}, scratch, "floor_bf16")
+            dtypes = {"fp32": "float32", **({"bf16": "bfloat16"} if any(r["name"].endswith("bf16-mixed")
+                                                                           for r in rows) else {})}
+            for (precision, dtype), tiling in itertools.product(dtypes.items(), ("whole", "blocked")):
+                key = precision if tiling == "whole" else f"{precision} blocked"
+                floors[key] = measure("floor", {**base, "dtype": dtype, "tiling": tiling}, scratch,
+                                      f"floor_{precision}_{tiling}")
         floor = floors.get("fp32")
 
     by_name = {r["name"]: r for r in rows}
@@ -479,6 +494,8 @@ def main() -> None:
     summary = {
         "msit_1p_examples_per_s": train,
         "msit_share_of_matmul_floor": round(train / floor["max_examples_per_s"], 3) if train and floor else None,
+        "msit_share_of_blocked_matmul_floor": (
+            round(train / floors["fp32 blocked"]["max_examples_per_s"], 3) if train and floor else None),
         "msit_over_peer": round(train / peer, 2) if train and peer else None,
         "msit_bf16_over_fp32": round(train_bf16 / train, 2) if train and train_bf16 else None,
         "msit_bf16_share_of_bf16_matmul_floor": (
@@ -489,6 +506,8 @@ def main() -> None:
         "target_loader_over_training": 5.0,
         "matmul_floor": floor,
         "matmul_floor_bf16": bf16_floor,
+        "matmul_floor_blocked": floors.get("fp32 blocked"),
+        "matmul_floor_bf16_blocked": floors.get("bf16 blocked"),
     }
     print(f"\nmsit, B={BATCH}, {data_info['sparse_features']} sparse features, L={data_info['max_len']} "
           f"(mean hist_len {data_info['mean_hist_len']}), threads={args.threads}, malloc_tune={args.malloc_tune}, "
@@ -507,7 +526,8 @@ def main() -> None:
             top = ", ".join(f"{k} {v:.1f}" for k, v in r["top_op_ms_per_step"].items())
             print(f"  its {len(r['top_op_ms_per_step'])} costliest ops (ms per step): {top}")
     for each in floors.values():
-        print(f"{each['dtype']} matmul floor of one step ({each['matmuls']} products, {each['gflop']} GFLOP, alone, "
+        print(f"{each['dtype']} matmul floor of one step, attention products {each['tiling']} "
+              f"({each['matmuls']} products, {each['gflop']} GFLOP, alone, "
               f"best of 5): {each['floor_ms']} ms at {each['matmul_gflops']} GFLOP/s (large-GEMM peak "
               f"{each['peak_gflops']}) → at most {each['max_examples_per_s']} ex/s from the matmuls alone")
     print(f"summary: {summary}")

@@ -19,7 +19,6 @@ from msit_rec.errors import ConfigError
 from msit_rec.fit_config import ModelConfig
 from msit_rec.modules import RankingHead
 from msit_rec.modules.scenario_gate import RECENCY_KEY, age_packed
-from msit_rec.modules.target_attention import pool_packed
 
 
 @dataclass
@@ -85,13 +84,13 @@ class RankingModel(nn.Module):
         )
         scenario_emb = self.head.scenario_vectors(batch.scenario)  # [B, E]
         gate = None
-        weights = self.head.attention_packed(behaviours, example, target, scenario_emb)  # [N]
         if self.head.gate is not None:
             own = batch.sequence[self.behaviour_scenario].values()  # [N]
             feedback = batch.sequence[self.behaviour_feedback].values() if self.behaviour_feedback else None  # [N]
             age = age_packed(batch.hist_len, example)  # [N]
             gate = self.head.gate_packed(behaviours, own, batch.scenario.index_select(0, example), feedback, age)
-            weights = weights * gate
-        interest = pool_packed(weights, behaviours, example, batch.batch_size)  # [B, D]
+        interest, weights = self.head.interest_packed(  # [B, D], [N]
+            behaviours, example, batch.hist_len, target, scenario_emb, gate
+        )
         logits = self.head(pooled, target, interest, batch.dense, batch.scenario, scenario_emb)
         return BehaviourDetails(logits, example, gate if keep else None, weights)

@@ -18,7 +18,7 @@ from msit_rec.modules import (
     lengths_to_mask,
 )
 from msit_rec.modules.scenario_gate import age_bucket, age_packed, age_padded
-from msit_rec.modules.target_attention import pool_packed
+from msit_rec.modules.segments import pool_packed
 from tests.reference import din_interest
 
 B, L, D, E, S = 6, 7, 8, 4, 3
@@ -250,8 +250,8 @@ def test_fast_attention_equals_naive_concatenation(layout: str, pooling: str, sc
     if layout == "padded":
         out, _ = att(x["behaviours"], x["target"], x["mask"], e)
     else:
-        behaviours, _, example = _packed(x)
-        out = pool_packed(att.weights_packed(behaviours, example, x["target"], e), behaviours, example, B)
+        behaviours, _, example = _packed(x)  # relu: the blocked unit; prelu: the composed path
+        out, _ = att.interest_packed(behaviours, example, x["lengths"], x["target"], e)
     assert out.shape == (B, D)
     torch.testing.assert_close(out, din_interest(att, x["behaviours"], x["target"], x["mask"], e))
     assert torch.equal(out[0], torch.zeros(D, dtype=torch.float64))  # example 0 has no behaviours

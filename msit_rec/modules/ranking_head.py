@@ -7,6 +7,7 @@ from torch import nn
 
 from msit_rec.fit_config import GateRecency, ModelConfig
 from msit_rec.modules.scenario_gate import ScenarioGate
+from msit_rec.modules.segments import pool_packed
 from msit_rec.modules.target_attention import TargetAttention
 from msit_rec.modules.tower import ScenarioTower
 
@@ -15,7 +16,7 @@ class RankingHead(nn.Module):
     """Scenario embedding e(s) → behaviour gate → target attention (or sum pooling) → scenario-aware tower → logit.
 
     The variant (`ModelConfig.parts`) decides which parts exist. Behaviours come in two layouts of the same function:
-    packed — the N real behaviours, what training looks up (`gate_packed`, `attention_packed`) — and padded per
+    packed — the N real behaviours, what training looks up (`gate_packed`, `interest_packed`) — and padded per
     context with a mask, what the exported program takes (`gate_padded`, `interest_padded`). `forward` is the tail
     both share: the tower over `[pooled, target, interest, dense, e(s)]`, whose width comes from the parts' output
     dims. Shapes: the legend in msit_rec/modules/__init__.py.
@@ -98,13 +99,23 @@ class RankingHead(nn.Module):
             return None
         return self.gate(behaviours, own, scenario, self.scenario_embedding.weight, feedback, age)
 
-    def attention_packed(
-        self, behaviours: torch.Tensor, example: torch.Tensor, target: torch.Tensor, scenario_emb: torch.Tensor | None
-    ) -> torch.Tensor:
-        """α_j [N] of the packed behaviours [N, D] of rows `example` [N]: attention weights, or 1 (sum pooling)."""
-        if self.attention is None:
-            return behaviours.new_ones(behaviours.shape[0])
-        return self.attention.weights_packed(behaviours, example, target, self._attention_scenario(scenario_emb))
+    def interest_packed(
+        self,
+        behaviours: torch.Tensor,  # [N, D]
+        example: torch.Tensor,  # [N] int64, the row of each behaviour
+        lengths: torch.Tensor,  # [B] behaviours per row
+        target: torch.Tensor,  # [B, D]
+        scenario_emb: torch.Tensor | None,  # [B, E]
+        gate: torch.Tensor | None = None,  # [N] each behaviour's transfer weight g (gate_packed)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], each behaviour's weight α·g [N]
+        """The packed twin of `interest_padded`: each row's interest and each behaviour's weight in it (α = 1 under
+        sum pooling), times its gate."""
+        if self.attention is not None:
+            return self.attention.interest_packed(
+                behaviours, example, lengths, target, self._attention_scenario(scenario_emb), gate
+            )
+        weights = behaviours.new_ones(behaviours.shape[0]) if gate is None else gate
+        return pool_packed(weights, behaviours, example, target.shape[0]), weights
 
     def interest_padded(
         self,

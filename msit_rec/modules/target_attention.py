@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from msit_rec.errors import ConfigError
+from msit_rec.modules.blocked_attention import AttentionUnit, blocked_interest
 from msit_rec.modules.mlp import MLP, make_activation
+from msit_rec.modules.segments import pool_packed, segment_softmax
 
 Pooling = Literal["sum", "softmax"]
 
@@ -40,11 +42,12 @@ class TargetAttention(nn.Module):
       `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` per row, as one `[B·L, D] × [D, H]`
       matmul; with a sequence per row (batch scoring) one batched matmul with a per-row `[D, H]` weight does less
       work. A `torch.cond` on C < B picks the branch, in the exported program too.
-    - `weights_packed` (then `pool_packed`): only the real behaviours [N, D] with the example of each — what training
-      uses; the weights α_j are what `msit-rec explain` reports. It skips the
-      padded positions entirely (a quarter to a half of the work at usual history lengths) and runs the first
-      layer as one `[N, 2D] × [2D, H]` matmul over `[b, b⊙t]` (every behaviour belongs to one example there).
-    Tests check both against the naive concatenation formula.
+    - `interest_packed`: only the real behaviours [N, D] with the example of each — what training uses; the weights
+      α_j are what `msit-rec explain` reports. It skips the padded positions entirely (a quarter to a half of the
+      work at usual history lengths). With ReLU (the default activation) it runs the cache-blocked fused unit
+      (msit_rec/modules/blocked_attention.py); other activations compose `weights_packed` and `pool_packed`, which
+      run the first layer as two `[N, D] × [D, H]` products over b and b⊙t.
+    Tests check every layout against the naive concatenation formula, and the blocked unit against the composed one.
 
     `scenario_dim=0` drops the e(s) input (the `din` variant).
     """
@@ -70,6 +73,7 @@ class TargetAttention(nn.Module):
         self.first = nn.Linear(4 * dim + scenario_dim, hidden_dims[0])  # over [b, t, b⊙t, b−t, e]
         self.first_activation = make_activation(activation, hidden_dims[0])
         self.rest = MLP(hidden_dims[0], hidden_dims[1:], out_dim=1, activation=activation)
+        self.blocked = activation == "relu"  # the fused unit's backward knows ReLU only
 
     def _blocks(self, dim: int) -> tuple[torch.Tensor, ...]:
         """`first.weight` split into its input blocks b, t, b⊙t, b−t, e: five [H, ·] views."""
@@ -165,16 +169,29 @@ class TargetAttention(nn.Module):
         scores = self.rest(hidden).squeeze(1).to(behaviours.dtype)  # [N]
         return segment_softmax(scores, example, batch) if self.pooling == "softmax" else scores
 
-
-def pool_packed(weights: torch.Tensor, behaviours: torch.Tensor, example: torch.Tensor, batch: int) -> torch.Tensor:
-    """Interest [B, D]: Σ_j α_j b_j over each row's packed behaviours (weights [N], behaviours [N, D], example [N]);
-    zero for a row without behaviours. Sum pooling is this with α_j = 1."""
-    return behaviours.new_zeros(batch, behaviours.shape[1]).index_add_(0, example, weights[:, None] * behaviours)
-
-
-def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
-    """Softmax of `scores` [N] within each segment (`segment` [N] in [0, segments)); empty segments are simply absent."""
-    peak = scores.new_full((segments,), float("-inf")).scatter_reduce_(0, segment, scores.detach(), "amax")  # [S]
-    exp = (scores - peak.index_select(0, segment)).exp()  # the shift cancels out: no gradient needed through it
-    total = exp.new_zeros(segments).index_add_(0, segment, exp)  # [S]
-    return exp / total.index_select(0, segment)
+    def interest_packed(
+        self,
+        behaviours: torch.Tensor,  # [N, D] the real behaviours of the batch, example by example
+        example: torch.Tensor,  # [N] int64, row of the batch each behaviour belongs to
+        lengths: torch.Tensor,  # [B] behaviours of each row
+        target: torch.Tensor,  # [B, D]
+        scenario_emb: torch.Tensor | None = None,  # [B, E]
+        gate: torch.Tensor | None = None,  # [N] a factor of each behaviour's weight (the scenario gate)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], weights α·g [N]
+        """Each row's interest `Σ_j α_j g_j b_j` and each behaviour's weight α_j·g_j in it (g = 1 without a gate)."""
+        if not self.blocked:
+            weights = self.weights_packed(behaviours, example, target, scenario_emb)
+            weights = weights if gate is None else weights * gate
+            return pool_packed(weights, behaviours, example, target.shape[0]), weights
+        per_example = self._per_example(target, scenario_emb)  # [B, H]
+        w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
+        unit = AttentionUnit(
+            first_b=(w_b + w_d).t(),
+            first_p=w_p.t(),
+            hidden=tuple((linear.weight, linear.bias) for linear in self.rest.linears),
+            out_weight=self.rest.out.weight,
+            out_bias=self.rest.out.bias,
+        )
+        return blocked_interest(
+            behaviours, example, lengths, target, per_example, unit, gate, softmax=self.pooling == "softmax"
+        )
