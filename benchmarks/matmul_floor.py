@@ -20,8 +20,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from msit_rec.train.auto_precision import best_seconds
 
-# the leaf matmul kernels (linear, matmul and einsum dispatch to these), with the operand positions of (A, B)
-OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
+# the leaf matmul kernels (linear, matmul and einsum dispatch to these), with the operand positions of (A, B); the
+# in-place ones are events of their own (a floor without them missed the products that accumulate into a tensor)
+OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1),
+            "aten::baddbmm": (1, 2), "aten::baddbmm_": (1, 2)}
 PEAK_SIZE = 2048
 
 

@@ -271,6 +271,34 @@ def test_attention_over_shared_contexts_equals_naive_on_gathered_rows(pooling: s
     assert torch.equal(out[1], torch.zeros(D, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("pooling", ["sum", "softmax"])
+def test_attention_over_one_context_equals_naive_and_exports_with_every_branch(pooling: str):
+    """Every row reading one context (a /rank request) takes its own branch (one [B, D] × [D, L·H] product): equal to
+    the naive formula on copies of the context per row, eagerly and in a program exported with dynamic B and C that
+    must still take the other branches for several contexts (C < B) and one per row (C = B)."""
+    att = _randomise(TargetAttention(D, (16, 8), scenario_dim=E, pooling=pooling).double()).eval()
+    x = _inputs()
+
+    def case(contexts: list[int], rows: int) -> tuple[torch.Tensor, ...]:
+        """(behaviours, target, mask, e, context, scale) of `rows` rows over the contexts `contexts` of `_inputs`."""
+        return (x["behaviours"][contexts] * x["mask"][contexts, :, None], torch.randn(rows, D, dtype=torch.float64),
+                x["mask"][contexts], torch.randn(rows, E, dtype=torch.float64), torch.arange(rows) % len(contexts),
+                torch.rand(len(contexts), L, dtype=torch.float64))
+
+    rows_dim, contexts_dim = torch.export.Dim("rows", min=1, max=64), torch.export.Dim("contexts", min=1, max=64)
+    shapes = ({0: contexts_dim}, {0: rows_dim}, {0: contexts_dim}, {0: rows_dim}, {0: rows_dim}, {0: contexts_dim})
+    program = torch.export.export(att, case([3, 0], 9), dynamic_shapes=shapes).module()  # sizes 1 would specialise
+    for contexts, rows in [([3], 9), ([4], 1), ([3, 0, 5], 9), ([1, 2, 3, 4, 5], 5)]:  # C = 1, C < B, C = B
+        behaviours, target, mask, e, context, _ = inputs = case(contexts, rows)
+        interest, _ = att(behaviours, target, mask, e, context)
+        torch.testing.assert_close(interest, din_interest(att, behaviours[context], target, mask[context], e))
+        interest, weights = att(*inputs)  # with the gate's per-behaviour scale
+        torch.testing.assert_close(interest, (weights[..., None] * behaviours[context]).sum(1))
+        exported = program(*inputs)
+        torch.testing.assert_close(exported[0], interest)
+        torch.testing.assert_close(exported[1], weights)
+
+
 def test_packed_gate_equals_the_formula():
     gate = _randomise(ScenarioGate(D, E, S).double())
     x = _inputs()

@@ -38,10 +38,12 @@ class TargetAttention(nn.Module):
     Two layouts of the same function:
     - `forward`: padded behaviours [C, L, D] with a mask — static shapes, what the exported serving program uses;
       it returns the interest and each behaviour's weight (times an optional per-behaviour `scale`, the gate).
-      Rows may share a sequence (`context`: all candidates of a /rank request read one history). Then the
-      `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` per row, as one `[B·L, D] × [D, H]`
-      matmul; with a sequence per row (batch scoring) one batched matmul with a per-row `[D, H]` weight does less
-      work. A `torch.cond` on C < B picks the branch, in the exported program too.
+      Rows may share a sequence (`context`: all candidates of a /rank request read one history). With one context
+      for every row, `(t⊙b_l)·W_p = t·(b_l ⊙ W_p)` makes the per-behaviour term one `[B, D] × [D, L·H]` product
+      and the pooling one `[B, L] × [L, D]` product: the behaviours are never copied per row. With several shared
+      contexts, the `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` per row, as one
+      `[B·L, D] × [D, H]` matmul; with a sequence per row (batch scoring) one batched matmul with a per-row `[D, H]`
+      weight does less work. `torch.cond`s on C = 1 and C < B pick the branch, in the exported program too.
     - `interest_packed`: only the real behaviours [N, D] with the example of each — what training uses; the weights
       α_j are what `msit-rec explain` reports. It skips the padded positions entirely (a quarter to a half of the
       work at usual history lengths). With ReLU (the default activation) it runs the cache-blocked fused unit
@@ -92,21 +94,20 @@ class TargetAttention(nn.Module):
     def scores(
         self,
         behaviours: torch.Tensor,  # [C, L, D], one sequence per context
-        rows: torch.Tensor,  # [B, L, D], each row's sequence: behaviours[context] (behaviours itself when C = B)
         target: torch.Tensor,  # [B, D]
         scenario_emb: torch.Tensor | None,  # [B, E] or None when scenario_dim == 0
         context: torch.Tensor | None = None,  # [B] int64, the context of each row; None: row b has context b
     ) -> torch.Tensor:  # [B, L] raw attention scores, padding not yet masked
+        per_example = self._per_example(target, scenario_emb)[:, None, :]  # [B, 1, H]
         if context is None:
-            hidden = self._first_per_row(rows, target)
-        else:  # a branch in the exported program too: contexts shared by several rows, or one per row
+            hidden = self._first_per_row(behaviours, target).add_(per_example)  # fresh: in place is safe
+        else:  # branches in the exported program too: one context for every row, or several
             hidden = torch.cond(
-                behaviours.shape[0] < target.shape[0],
-                self._first_shared,
-                self._first_per_row_of,
-                (behaviours, rows, target, context),
+                behaviours.shape[0] == 1,
+                self._first_one_context,
+                self._first_of_contexts,
+                (behaviours, target, per_example, context),
             )
-        hidden.add_(self._per_example(target, scenario_emb)[:, None, :])  # fresh: in place is safe
         batch, length, width = hidden.shape
         return self.rest(self.first_activation(hidden.reshape(batch * length, width))).reshape(batch, length)
 
@@ -116,20 +117,63 @@ class TargetAttention(nn.Module):
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         return torch.bmm(rows, (w_b + w_d).t() + target[:, :, None] * w_p.t())
 
-    def _first_per_row_of(
-        self, behaviours: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, context: torch.Tensor
+    def _first_one_context(
+        self, behaviours: torch.Tensor, target: torch.Tensor, per_example: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
-        return self._first_per_row(rows, target)
+        """The first layer [B, L, H] when every row reads the one context (a /rank request): `(t⊙b_l)·W_p =
+        t·(b_l ⊙ W_p)`, so one `[B, D] × [D, L·H]` product over the L scaled copies of W_p gives every row's every
+        behaviour — no [B, L, D] copy of the behaviours, no b⊙t pass over it; `(W_b + W_d)·b` runs once ([L, H])."""
+        w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
+        sequence = behaviours[0]  # [L, D]
+        dim = sequence.shape[1]
+        scaled = (sequence[:, :, None] * w_p.t()).transpose(0, 1).reshape(dim, -1)  # [D, L·H]: b_l,d · W_p[h, d]
+        hidden = per_example + torch.matmul(sequence, (w_b + w_d).t())  # [B, L, H]: the terms without t⊙b
+        hidden.view(target.shape[0], -1).addmm_(target, scaled)
+        return hidden
+
+    def _first_of_contexts(
+        self, behaviours: torch.Tensor, target: torch.Tensor, per_example: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        rows = behaviours.index_select(0, context)  # [B, L, D]
+        return torch.cond(
+            behaviours.shape[0] < target.shape[0],
+            self._first_shared,
+            self._first_per_row_of,
+            (behaviours, rows, target, per_example, context),
+        )
+
+    def _first_per_row_of(
+        self,
+        behaviours: torch.Tensor,
+        rows: torch.Tensor,
+        target: torch.Tensor,
+        per_example: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
+        return self._first_per_row(rows, target).add_(per_example)
 
     def _first_shared(
-        self, behaviours: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, context: torch.Tensor
+        self,
+        behaviours: torch.Tensor,
+        rows: torch.Tensor,
+        target: torch.Tensor,
+        per_example: torch.Tensor,
+        context: torch.Tensor,
     ) -> torch.Tensor:
-        """The same [B, L, H] when rows share contexts: `(W_b + W_d)·b` once per context, then `(t⊙b)·W_p` per row as
-        one `[B·L, D] × [D, H]` matmul — one large product instead of B small ones (faster in bench_serve), but D×H
-        more per behaviour when every row has its own context."""
+        """The first layer [B, L, H] when rows share contexts: `(W_b + W_d)·b` once per context, then `(t⊙b)·W_p` per
+        row as one `[B·L, D] × [D, H]` matmul — one large product instead of B small ones (faster in bench_serve), but
+        D×H more per behaviour when every row has its own context."""
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         shared = torch.matmul(behaviours, (w_b + w_d).t()).index_select(0, context)  # [B, L, H]
-        return torch.matmul(rows * target[:, None, :], w_p.t()).add_(shared)
+        return torch.matmul(rows * target[:, None, :], w_p.t()).add_(shared).add_(per_example)
+
+    @staticmethod
+    def _pool_one_context(weights: torch.Tensor, behaviours: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.mm(weights, behaviours[0])  # [B, L] × [L, D]
+
+    @staticmethod
+    def _pool_of_contexts(weights: torch.Tensor, behaviours: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(weights.unsqueeze(1), behaviours.index_select(0, context)).squeeze(1)
 
     def forward(
         self,
@@ -140,15 +184,20 @@ class TargetAttention(nn.Module):
         context: torch.Tensor | None = None,  # [B] int64 in [0, C); None: C = B, row b has context b
         scale: torch.Tensor | None = None,  # [C, L] a factor of each behaviour's weight (the scenario gate)
     ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], weights α (· scale) [B, L] (0 on padding)
-        rows = behaviours if context is None else behaviours.index_select(0, context)  # [B, L, D]
         mask = mask if context is None else mask.index_select(0, context)  # [B, L]
-        scores = self.scores(behaviours, rows, target, scenario_emb, context)
+        scores = self.scores(behaviours, target, scenario_emb, context)
         if self.pooling == "softmax":
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
         weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
         if scale is not None:
             weights = weights * (scale if context is None else scale.index_select(0, context))
-        return torch.bmm(weights.unsqueeze(1).to(rows.dtype), rows).squeeze(1), weights
+        pooling = weights.to(behaviours.dtype)
+        if context is None:
+            return torch.bmm(pooling.unsqueeze(1), behaviours).squeeze(1), weights
+        interest = torch.cond(
+            behaviours.shape[0] == 1, self._pool_one_context, self._pool_of_contexts, (pooling, behaviours, context)
+        )
+        return interest, weights
 
     def weights_packed(
         self,
