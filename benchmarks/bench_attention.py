@@ -42,7 +42,8 @@ class NaiveAttention(TargetAttention):
     """Baseline: the first layer applied to the materialised [B, L, 4D+E] concatenation — the DIN formula of
     tests/reference.py, the oracle tests/test_modules.py checks the fast attention against."""
 
-    def scores(self, behaviours, rows, target, scenario_emb, context=None):
+    def scores(self, behaviours, target, scenario_emb, context=None):
+        rows = behaviours if context is None else behaviours.index_select(0, context)
         return din_scores(self, rows, target, scenario_emb)
 
 
