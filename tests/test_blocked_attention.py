@@ -67,7 +67,7 @@ def _loss_and_grads(att: TargetAttention, x: dict[str, torch.Tensor], blocked: b
 @pytest.mark.parametrize("gated", [False, True])
 def test_blocked_unit_equals_the_composed_path_gradients_included(pooling: str, hidden: tuple[int, ...], gated: bool):
     att, x = _attention(pooling, hidden), _inputs()
-    assert len(block_bounds(LENGTHS, hidden[0], 8, x["behaviours"].device)) > 4  # several blocks, really
+    assert len(block_bounds(LENGTHS, hidden[0], 8)) > 4  # several blocks, really
     expected = _loss_and_grads(att, x, blocked=False, gated=gated)
     got = _loss_and_grads(att, x, blocked=True, gated=gated)
     torch.testing.assert_close(got[0], expected[0])
@@ -112,15 +112,15 @@ def test_blocked_unit_passes_gradcheck(pooling: str):
 def test_block_bounds_end_on_example_boundaries(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(blocked_attention, "MIN_BLOCK_ROWS", 8)
     monkeypatch.setattr(blocked_attention, "L2_BYTES_PER_THREAD", 1)
-    bounds = block_bounds(LENGTHS, 4, 4, torch.device("cpu"))
+    bounds = block_bounds(LENGTHS, 4, 4)
     ends = set(torch.cumsum(LENGTHS, 0).tolist()) | {0}
     assert bounds[0] == 0 and bounds[-1] == int(LENGTHS.sum())
     assert all(b in ends for b in bounds) and bounds == sorted(set(bounds))
     assert not any(9 < b < 28 for b in bounds)  # the 19-behaviour row (9..28) lies in one block, longer than 8
     assert all(end - start <= 8 for start, end in itertools.pairwise(bounds) if end <= 9 or start >= 28)
-    assert block_bounds(torch.zeros(4, dtype=torch.long), 4, 4, torch.device("cpu")) == [0]
+    assert block_bounds(torch.zeros(4, dtype=torch.long), 4, 4) == [0]
     monkeypatch.setattr(blocked_attention, "L2_BYTES_PER_THREAD", 1 << 30)
-    assert block_bounds(LENGTHS, 4, 4, torch.device("cpu")) == [0, 50]  # fits one block
+    assert block_bounds(LENGTHS, 4, 4) == [0, 50]  # fits one block
 
 
 @pytest.mark.usefixtures("small_blocks")
