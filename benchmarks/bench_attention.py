@@ -42,9 +42,11 @@ class NaiveAttention(TargetAttention):
     """Baseline: the first layer applied to the materialised [B, L, 4D+E] concatenation — the DIN formula of
     tests/reference.py, the oracle tests/test_modules.py checks the fast attention against."""
 
-    def scores(self, behaviours, target, scenario_emb, context=None):
+    def forward(self, behaviours, target, mask, scenario_emb=None, context=None, scale=None):
         rows = behaviours if context is None else behaviours.index_select(0, context)
-        return din_scores(self, rows, target, scenario_emb)
+        mask, scale = (mask, scale) if context is None else (mask[context], None if scale is None else scale[context])
+        weights = self.weights_of(din_scores(self, rows, target, scenario_emb), mask, scale)
+        return torch.bmm(weights.unsqueeze(1), rows).squeeze(1), weights
 
 
 class DenseStack(nn.Module):

@@ -285,10 +285,19 @@ def test_attention_over_one_context_equals_naive_and_exports_with_every_branch(p
                 x["mask"][contexts], torch.randn(rows, E, dtype=torch.float64), torch.arange(rows) % len(contexts),
                 torch.rand(len(contexts), L, dtype=torch.float64))
 
+    taken = []  # which branch each eager call took
+    for name in ("_attend_one_context", "_attend_of_contexts"):
+        branch = getattr(att, name)
+        setattr(att, name, lambda *args, branch=branch, name=name: taken.append(name) or branch(*args))
+    att(*case([0], 3))  # context 0 has no behaviours
+    att(*case([3, 0], 3))
+    assert taken == ["_attend_one_context", "_attend_of_contexts"]
+    for name in ("_attend_one_context", "_attend_of_contexts"):
+        delattr(att, name)
     rows_dim, contexts_dim = torch.export.Dim("rows", min=1, max=64), torch.export.Dim("contexts", min=1, max=64)
     shapes = ({0: contexts_dim}, {0: rows_dim}, {0: contexts_dim}, {0: rows_dim}, {0: rows_dim}, {0: contexts_dim})
     program = torch.export.export(att, case([3, 0], 9), dynamic_shapes=shapes).module()  # sizes 1 would specialise
-    for contexts, rows in [([3], 9), ([4], 1), ([3, 0, 5], 9), ([1, 2, 3, 4, 5], 5)]:  # C = 1, C < B, C = B
+    for contexts, rows in [([3], 9), ([4], 1), ([0], 4), ([3, 0, 5], 9), ([1, 2, 3, 4, 5], 5)]:  # C = 1, C < B, C = B
         behaviours, target, mask, e, context, _ = inputs = case(contexts, rows)
         interest, _ = att(behaviours, target, mask, e, context)
         torch.testing.assert_close(interest, din_interest(att, behaviours[context], target, mask[context], e))

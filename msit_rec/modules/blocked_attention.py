@@ -12,18 +12,19 @@ Measured (benchmarks/bench_train.py, 2 AMD EPYC cores, same data, alternating ru
 examples/s and peak RSS 1,430 → 1,230 MiB; bf16-mixed 46.5–47.5k → 51.2–51.4k examples/s.
 
 Scope: ReLU attention MLPs (the default activation; others take the composed path) with "sum" or "softmax"
-pooling. Blocks end on example boundaries, so a row's softmax lies within one block. Under autocast the products
-run in the autocast dtype, as the composed path's would; the scores, the weights, the pooling and every gradient
-accumulated across blocks stay fp32.
+pooling. Blocks hold whole examples, so a row's softmax lies within one block. Under autocast the products run in
+the autocast dtype, as the composed path's would; their scores are cast to fp32, and the softmax, the weights, the
+pooling and the weight gradients summed across blocks stay fp32.
 """
 
 from __future__ import annotations
 
-import itertools
+import bisect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from msit_rec.modules.segments import segment_softmax
 
@@ -48,18 +49,29 @@ class AttentionUnit:
                 self.out_bias]
 
 
-def block_bounds(lengths: torch.Tensor, width: int, element_bytes: int) -> list[int]:
-    """Row offsets [0, …, N] of the blocks of the rows of examples with `lengths` [B] behaviours. Each block ends on
-    the last example boundary before the next multiple of the rows whose [rows, width] activations fill the L2
-    caches of this process's threads; a block holding an example longer than that is as long as the example needs."""
-    ends = torch.cumsum(lengths.long().cpu(), 0)
-    total = int(ends[-1]) if ends.numel() else 0
+class Block(NamedTuple):
+    """Rows [start, end) of the packed behaviours, all of examples first … first + examples − 1."""
+
+    start: int
+    end: int
+    first: int
+    examples: int
+
+
+def blocks_of(lengths: torch.Tensor, width: int, element_bytes: int) -> list[Block]:
+    """The blocks of the rows of examples with `lengths` [B] behaviours, each as many whole examples as fit the rows
+    whose [rows, width] activations fill the L2 caches of this process's threads (an example longer than that gets a
+    block of its own)."""
+    ends = torch.cumsum(lengths.long().cpu(), 0).tolist()
     rows = max(MIN_BLOCK_ROWS, torch.get_num_threads() * L2_BYTES_PER_THREAD // (width * element_bytes))
-    if total <= rows:
-        return [0, total] if total else [0]
-    cuts = torch.searchsorted(ends, torch.arange(rows, total, rows), right=True)  # examples wholly before each cut
-    inner = ends.index_select(0, cuts.clamp(min=1) - 1).unique()  # block ends on example boundaries
-    return [0, *(int(end) for end in inner if 0 < end < total), total]
+    blocks, start = [], 0
+    while ends and start < ends[-1]:
+        fits = bisect.bisect_right(ends, start + rows)  # examples that end within the cache-sized span
+        end = ends[fits - 1] if fits and ends[fits - 1] > start else ends[bisect.bisect_right(ends, start)]
+        first = bisect.bisect_right(ends, start)  # the example of row `start` (empty examples end where it starts)
+        blocks.append(Block(start, end, first, bisect.bisect_right(ends, end - 1) - first + 1))
+        start = end
+    return blocks
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -75,7 +87,7 @@ class _BlockedAttention(torch.autograd.Function):
         ctx: Any,
         behaviours: torch.Tensor,  # [N, D]
         example: torch.Tensor,  # [N] int64
-        bounds: list[int],
+        blocks: list[Block],
         target: torch.Tensor,  # [B, D]
         per_example: torch.Tensor,  # [B, H]: the first layer's terms that do not depend on the behaviour
         gate: torch.Tensor | None,  # [N] or None
@@ -91,24 +103,26 @@ class _BlockedAttention(torch.autograd.Function):
         pooled = behaviours.new_zeros(target.shape[0], behaviours.shape[1])
         per_example_c = per_example.to(compute)
         with torch.autocast(behaviours.device.type, enabled=False):  # `compute` says each product's dtype
-            for start, end in itertools.pairwise(bounds):
-                ex, b = example[start:end], behaviours[start:end]
-                acts = [act[start:end] for act in saved] if keep else [None] * len(saved)
+            for block in blocks:
+                ex, b = example[block.start:block.end], behaviours[block.start:block.end]
+                acts = [act[block.start:block.end] for act in saved] if keep else [None] * len(saved)
                 score = _score_block(unit, b, ex, target, per_example_c, acts).to(alpha.dtype)
                 if softmax:
-                    score = segment_softmax(score, ex - ex[0], int(ex[-1] - ex[0]) + 1)
-                alpha[start:end] = score
-                pooled.index_add_(0, ex, b * (score if gate is None else score * gate[start:end])[:, None])
-        weighted = alpha if gate is None else alpha * gate
+                    score = segment_softmax(score, ex - block.first, block.examples)
+                alpha[block.start:block.end] = score
+                weight = score if gate is None else score * gate[block.start:block.end]
+                pooled.index_add_(0, ex, b * weight[:, None])
         if keep:
-            ctx.save_for_backward(behaviours, example, target, gate, alpha, weighted, *weights, *saved)
-            ctx.bounds, ctx.softmax, ctx.compute, ctx.layers = bounds, softmax, compute, len(widths)
+            ctx.set_materialize_grads(False)  # training reads the interest only: no zero [N] gradient to add
+            ctx.save_for_backward(behaviours, example, target, gate, alpha, *weights, *saved)
+            ctx.blocks, ctx.softmax, ctx.compute, ctx.layers = blocks, softmax, compute, len(widths)
             ctx.per_example = (per_example.shape, per_example.dtype)
-        return pooled, weighted
+        return pooled, alpha.clone() if gate is None else alpha * gate  # not the saved α: callers may edit it
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_pooled: torch.Tensor | None, grad_weighted: torch.Tensor | None) -> tuple[Any, ...]:
-        behaviours, example, target, gate, alpha, weighted, *rest = ctx.saved_tensors
+        behaviours, example, target, gate, alpha, *rest = ctx.saved_tensors
         weights, saved = rest[: len(rest) - ctx.layers], rest[len(rest) - ctx.layers:]
         unit = _unit(weights, ctx.compute)
         grads = [torch.zeros_like(w, dtype=_accumulate(w.dtype)) for w in weights]
@@ -118,27 +132,27 @@ class _BlockedAttention(torch.autograd.Function):
         g_per_example = behaviours.new_zeros(shape, dtype=dtype)  # each row from one block: no sum across blocks
         g_gate = torch.empty_like(gate) if gate is not None else None
         with torch.autocast(behaviours.device.type, enabled=False):
-            for start, end in zip(ctx.bounds[:-1], ctx.bounds[1:]):
-                ex, b, g_b = example[start:end], behaviours[start:end], g_behaviours[start:end]
+            for block in ctx.blocks:
+                rows = slice(block.start, block.end)
+                ex, b, g_b, a = example[rows], behaviours[rows], g_behaviours[rows], alpha[rows]
                 # pooling: dL/dw_j = <dL/dinterest_row, b_j>, dL/db_j = w_j · dL/dinterest_row
                 if grad_pooled is not None:
                     torch.index_select(grad_pooled, 0, ex, out=g_b)
                     g_w = torch.linalg.vecdot(g_b, b)
-                    g_b.mul_(weighted[start:end, None])
+                    g_b.mul_((a if gate is None else a * gate[rows])[:, None])
                 else:
                     g_b.zero_()
-                    g_w = b.new_zeros(end - start)
+                    g_w = b.new_zeros(block.end - block.start)
                 if grad_weighted is not None:
-                    g_w = g_w + grad_weighted[start:end]
-                a = alpha[start:end]
+                    g_w = g_w + grad_weighted[rows]
                 if gate is not None:
-                    g_gate[start:end] = g_w * a
-                    g_w = g_w * gate[start:end]
+                    g_gate[rows] = g_w * a
+                    g_w = g_w * gate[rows]
                 if ctx.softmax:  # dα → dscore: α ⊙ (g − Σ_row α g)
-                    local = ex - ex[0]
-                    row_sum = g_w.new_zeros(int(ex[-1] - ex[0]) + 1).index_add_(0, local, a * g_w)
+                    local = ex - block.first
+                    row_sum = g_w.new_zeros(block.examples).index_add_(0, local, a * g_w)
                     g_w = a * (g_w - row_sum.index_select(0, local))
-                g_x = _score_block_backward(unit, grads, g_w, [act[start:end] for act in saved])
+                g_x = _score_block_backward(unit, grads, g_w, [act[rows] for act in saved])
                 _first_layer_backward(unit, grads, g_x, b, ex, target, g_b, g_target, g_per_example)
         weight_grads = [g.to(w.dtype) for g, w in zip(grads, weights)]
         return (g_behaviours, None, None, g_target, g_per_example, g_gate, None, None, None, *weight_grads)
@@ -203,7 +217,8 @@ def _first_layer_backward(
 
 
 def _accumulate(dtype: torch.dtype) -> torch.dtype:
-    """Where gradients summed over blocks accumulate: at least fp32 (bf16 sums would drop the small blocks)."""
+    """Where weight gradients summed over blocks accumulate: at least fp32, also for bf16 weights (whose bf16 sums
+    would drop the small contributions of later blocks)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -228,10 +243,13 @@ def blocked_interest(
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (behaviours, target, per_example, gate, *unit.tensors())
     )
+    rows, batch = behaviours.shape[0], target.shape[0]
     if behaviours.device.type == "cpu":
-        bounds = block_bounds(lengths, unit.first_b.shape[1], torch.finfo(compute).bits // 8)
+        blocks = blocks_of(lengths, unit.first_b.shape[1], torch.finfo(compute).bits // 8)
+        if (blocks[-1].end if blocks else 0) != rows:
+            raise ValueError(f"lengths sum to {blocks[-1].end if blocks else 0} behaviours, but {rows} were given")
     else:  # one block: per-block launches would cost more than the cache saves, and no lengths to sync from the GPU
-        bounds = [0, behaviours.shape[0]] if behaviours.shape[0] else [0]
+        blocks = [Block(0, rows, 0, batch)] if rows else []
     return _BlockedAttention.apply(
-        behaviours, example, bounds, target, per_example, gate, softmax, compute, keep, *unit.tensors()
+        behaviours, example, blocks, target, per_example, gate, softmax, compute, keep, *unit.tensors()
     )

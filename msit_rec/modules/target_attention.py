@@ -44,6 +44,7 @@ class TargetAttention(nn.Module):
       contexts, the `(W_b + W_d)·b` term runs once per sequence and only `(t⊙b)·W_p` per row, as one
       `[B·L, D] × [D, H]` matmul; with a sequence per row (batch scoring) one batched matmul with a per-row `[D, H]`
       weight does less work. `torch.cond`s on C = 1 and C < B pick the branch, in the exported program too.
+      `weights_of` (masking, softmax, gate) is the part every branch and the naive baseline share.
     - `interest_packed`: only the real behaviours [N, D] with the example of each — what training uses; the weights
       α_j are what `msit-rec explain` reports. It skips the padded positions entirely (a quarter to a half of the
       work at usual history lengths). With ReLU (the default activation) it runs the cache-blocked fused unit
@@ -91,25 +92,20 @@ class TargetAttention(nn.Module):
             per_example = per_example + F.linear(scenario_emb, w_e)
         return per_example
 
-    def scores(
-        self,
-        behaviours: torch.Tensor,  # [C, L, D], one sequence per context
-        target: torch.Tensor,  # [B, D]
-        scenario_emb: torch.Tensor | None,  # [B, E] or None when scenario_dim == 0
-        context: torch.Tensor | None = None,  # [B] int64, the context of each row; None: row b has context b
-    ) -> torch.Tensor:  # [B, L] raw attention scores, padding not yet masked
-        per_example = self._per_example(target, scenario_emb)[:, None, :]  # [B, 1, H]
-        if context is None:
-            hidden = self._first_per_row(behaviours, target).add_(per_example)  # fresh: in place is safe
-        else:  # branches in the exported program too: one context for every row, or several
-            hidden = torch.cond(
-                behaviours.shape[0] == 1,
-                self._first_one_context,
-                self._first_of_contexts,
-                (behaviours, target, per_example, context),
-            )
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, L] from the first layer's output [B, L, H]
         batch, length, width = hidden.shape
         return self.rest(self.first_activation(hidden.reshape(batch * length, width))).reshape(batch, length)
+
+    def weights_of(
+        self,
+        scores: torch.Tensor,  # [B, L] raw attention scores
+        mask: torch.Tensor,  # [B, L] bool, True on real behaviours
+        scale: torch.Tensor | None,  # [B, L] a factor of each behaviour's weight, or None
+    ) -> torch.Tensor:  # [B, L] α (· scale), 0 on padding
+        if self.pooling == "softmax":
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
+        weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
+        return weights if scale is None else weights * scale
 
     def _first_per_row(self, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """`(W_b + W_d)·b + W_p·(t⊙b)` [B, L, H] as one batched matmul with a per-row weight `[B, D, H]`: D×H per
@@ -117,30 +113,46 @@ class TargetAttention(nn.Module):
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         return torch.bmm(rows, (w_b + w_d).t() + target[:, :, None] * w_p.t())
 
-    def _first_one_context(
-        self, behaviours: torch.Tensor, target: torch.Tensor, per_example: torch.Tensor, context: torch.Tensor
-    ) -> torch.Tensor:
-        """The first layer [B, L, H] when every row reads the one context (a /rank request): `(t⊙b_l)·W_p =
-        t·(b_l ⊙ W_p)`, so one `[B, D] × [D, L·H]` product over the L scaled copies of W_p gives every row's every
-        behaviour — no [B, L, D] copy of the behaviours, no b⊙t pass over it; `(W_b + W_d)·b` runs once ([L, H])."""
+    def _attend_one_context(
+        self,
+        behaviours: torch.Tensor,  # [1, L, D]
+        target: torch.Tensor,
+        per_example: torch.Tensor,  # [B, 1, H]
+        mask: torch.Tensor,  # [B, L]
+        scale: torch.Tensor,  # [B, L]
+        context: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row reads the one context (a /rank request): `(t⊙b_l)·W_p = t·(b_l ⊙ W_p)`, so one
+        `[B, D] × [D, L·H]` product over the L scaled copies of W_p gives the first layer of every row's every
+        behaviour, and the pooling is one `[B, L] × [L, D]` product — the behaviours are never copied per row and
+        no b⊙t pass runs over such a copy; `(W_b + W_d)·b` runs once ([L, H])."""
         w_b, _, w_p, w_d, _ = self._blocks(target.shape[-1])
         sequence = behaviours[0]  # [L, D]
-        dim = sequence.shape[1]
-        scaled = (sequence[:, :, None] * w_p.t()).transpose(0, 1).reshape(dim, -1)  # [D, L·H]: b_l,d · W_p[h, d]
+        scaled = (sequence[:, :, None] * w_p.t()).transpose(0, 1).reshape(sequence.shape[1], -1)  # [D, L·H]
         hidden = per_example + torch.matmul(sequence, (w_b + w_d).t())  # [B, L, H]: the terms without t⊙b
         hidden.view(target.shape[0], -1).addmm_(target, scaled)
-        return hidden
+        weights = self.weights_of(self._scores(hidden), mask, scale)
+        return torch.mm(weights.to(sequence.dtype), sequence), weights
 
-    def _first_of_contexts(
-        self, behaviours: torch.Tensor, target: torch.Tensor, per_example: torch.Tensor, context: torch.Tensor
-    ) -> torch.Tensor:
-        rows = behaviours.index_select(0, context)  # [B, L, D]
-        return torch.cond(
+    def _attend_of_contexts(
+        self,
+        behaviours: torch.Tensor,  # [C, L, D]
+        target: torch.Tensor,
+        per_example: torch.Tensor,
+        mask: torch.Tensor,
+        scale: torch.Tensor,
+        context: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several contexts: each row's sequence gathered once ([B, L, D]), for the first layer and the pooling."""
+        rows = behaviours.index_select(0, context)
+        hidden = torch.cond(
             behaviours.shape[0] < target.shape[0],
             self._first_shared,
             self._first_per_row_of,
             (behaviours, rows, target, per_example, context),
         )
+        weights = self.weights_of(self._scores(hidden), mask, scale)
+        return torch.bmm(weights.unsqueeze(1).to(rows.dtype), rows).squeeze(1), weights
 
     def _first_per_row_of(
         self,
@@ -167,14 +179,6 @@ class TargetAttention(nn.Module):
         shared = torch.matmul(behaviours, (w_b + w_d).t()).index_select(0, context)  # [B, L, H]
         return torch.matmul(rows * target[:, None, :], w_p.t()).add_(shared).add_(per_example)
 
-    @staticmethod
-    def _pool_one_context(weights: torch.Tensor, behaviours: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.mm(weights, behaviours[0])  # [B, L] × [L, D]
-
-    @staticmethod
-    def _pool_of_contexts(weights: torch.Tensor, behaviours: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(weights.unsqueeze(1), behaviours.index_select(0, context)).squeeze(1)
-
     def forward(
         self,
         behaviours: torch.Tensor,  # [C, L, D]
@@ -184,20 +188,20 @@ class TargetAttention(nn.Module):
         context: torch.Tensor | None = None,  # [B] int64 in [0, C); None: C = B, row b has context b
         scale: torch.Tensor | None = None,  # [C, L] a factor of each behaviour's weight (the scenario gate)
     ) -> tuple[torch.Tensor, torch.Tensor]:  # interest [B, D], weights α (· scale) [B, L] (0 on padding)
-        mask = mask if context is None else mask.index_select(0, context)  # [B, L]
-        scores = self.scores(behaviours, target, scenario_emb, context)
-        if self.pooling == "softmax":
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
-        weights = scores.masked_fill(~mask, 0.0)  # also zeroes the uniform softmax of an empty history
-        if scale is not None:
-            weights = weights * (scale if context is None else scale.index_select(0, context))
-        pooling = weights.to(behaviours.dtype)
+        per_example = self._per_example(target, scenario_emb)[:, None, :]  # [B, 1, H]
         if context is None:
-            return torch.bmm(pooling.unsqueeze(1), behaviours).squeeze(1), weights
-        interest = torch.cond(
-            behaviours.shape[0] == 1, self._pool_one_context, self._pool_of_contexts, (pooling, behaviours, context)
+            hidden = self._first_per_row(behaviours, target).add_(per_example)  # fresh: in place is safe
+            weights = self.weights_of(self._scores(hidden), mask, scale)
+            return torch.bmm(weights.unsqueeze(1).to(behaviours.dtype), behaviours).squeeze(1), weights
+        mask = mask.index_select(0, context)  # [B, L]
+        # the branches take tensors only: no gate scales by one (exact)
+        scale = torch.ones_like(mask, dtype=target.dtype) if scale is None else scale.index_select(0, context)
+        return torch.cond(  # in the exported program too: one context for every row, or several
+            behaviours.shape[0] == 1,
+            self._attend_one_context,
+            self._attend_of_contexts,
+            (behaviours, target, per_example, mask, scale, context),
         )
-        return interest, weights
 
     def weights_packed(
         self,
