@@ -115,7 +115,7 @@ def test_blocked_unit_passes_gradcheck(pooling: str):
     assert torch.autograd.gradcheck(unit, inputs)
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS.tolist(), [5, 5, 5, 5], [0, 0, 9, 0, 3, 3, 0], [8, 8, 1, 7]])
+@pytest.mark.parametrize("lengths", [LENGTHS.tolist(), [5, 5, 5, 5], [0, 0, 9, 0, 3, 3, 0], [8, 8, 1, 7], [12, 3, 3]])
 def test_blocks_hold_whole_examples_within_the_cache_size(monkeypatch: pytest.MonkeyPatch, lengths: list[int]):
     monkeypatch.setattr(blocked_attention, "MIN_BLOCK_ROWS", 8)
     monkeypatch.setattr(blocked_attention, "L2_BYTES_PER_THREAD", 1)

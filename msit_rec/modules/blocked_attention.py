@@ -66,9 +66,9 @@ def blocks_of(lengths: torch.Tensor, width: int, element_bytes: int) -> list[Blo
     rows = max(MIN_BLOCK_ROWS, torch.get_num_threads() * L2_BYTES_PER_THREAD // (width * element_bytes))
     blocks, start = [], 0
     while ends and start < ends[-1]:
-        fits = bisect.bisect_right(ends, start + rows)  # examples that end within the cache-sized span
-        end = ends[fits - 1] if fits and ends[fits - 1] > start else ends[bisect.bisect_right(ends, start)]
         first = bisect.bisect_right(ends, start)  # the example of row `start` (empty examples end where it starts)
+        fits = bisect.bisect_right(ends, start + rows)  # examples that end within the cache-sized span
+        end = ends[fits - 1] if fits and ends[fits - 1] > start else ends[first]  # else: a long example alone
         blocks.append(Block(start, end, first, bisect.bisect_right(ends, end - 1) - first + 1))
         start = end
     return blocks
@@ -99,7 +99,7 @@ class _BlockedAttention(torch.autograd.Function):
         unit = _unit(weights, compute)
         widths = [unit.first_b.shape[1], *(w.shape[0] for w, _ in unit.hidden)]
         saved = [behaviours.new_empty(behaviours.shape[0] if keep else 0, w, dtype=compute) for w in widths]
-        alpha = behaviours.new_empty(behaviours.shape[0])
+        alpha, weighted = behaviours.new_empty(behaviours.shape[0]), behaviours.new_empty(behaviours.shape[0])
         pooled = behaviours.new_zeros(target.shape[0], behaviours.shape[1])
         per_example_c = per_example.to(compute)
         with torch.autocast(behaviours.device.type, enabled=False):  # `compute` says each product's dtype
@@ -110,14 +110,15 @@ class _BlockedAttention(torch.autograd.Function):
                 if softmax:
                     score = segment_softmax(score, ex - block.first, block.examples)
                 alpha[block.start:block.end] = score
-                weight = score if gate is None else score * gate[block.start:block.end]
+                weight = weighted[block.start:block.end]  # returned, not saved: callers may edit it
+                torch.mul(score, 1.0 if gate is None else gate[block.start:block.end], out=weight)
                 pooled.index_add_(0, ex, b * weight[:, None])
         if keep:
             ctx.set_materialize_grads(False)  # training reads the interest only: no zero [N] gradient to add
             ctx.save_for_backward(behaviours, example, target, gate, alpha, *weights, *saved)
             ctx.blocks, ctx.softmax, ctx.compute, ctx.layers = blocks, softmax, compute, len(widths)
             ctx.per_example = (per_example.shape, per_example.dtype)
-        return pooled, alpha.clone() if gate is None else alpha * gate  # not the saved α: callers may edit it
+        return pooled, weighted
 
     @staticmethod
     @once_differentiable
@@ -246,8 +247,9 @@ def blocked_interest(
     rows, batch = behaviours.shape[0], target.shape[0]
     if behaviours.device.type == "cpu":
         blocks = blocks_of(lengths, unit.first_b.shape[1], torch.finfo(compute).bits // 8)
-        if (blocks[-1].end if blocks else 0) != rows:
-            raise ValueError(f"lengths sum to {blocks[-1].end if blocks else 0} behaviours, but {rows} were given")
+        covered = blocks[-1].end if blocks else 0
+        if covered != rows:
+            raise ValueError(f"lengths sum to {covered} behaviours, but {rows} were given")
     else:  # one block: per-block launches would cost more than the cache saves, and no lengths to sync from the GPU
         blocks = [Block(0, rows, 0, batch)] if rows else []
     return _BlockedAttention.apply(
